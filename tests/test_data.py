@@ -1,0 +1,286 @@
+"""sit_core.data: IDX parsing, seeded splits, Fashion-MNIST and ImageFolder loading, clear errors."""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from sit_core.data import (
+    DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    IDX_FILES,
+    DataError,
+    DataSpec,
+    check_data,
+    load_splits,
+    read_idx,
+    read_idx_header,
+    split_indices,
+)
+
+_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
+          np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def write_idx(path, arr: np.ndarray, gz: bool = False) -> str:
+    """Write arr as an IDX file (big-endian payload), gzipped when gz."""
+    be = arr.dtype.newbyteorder(">") if arr.dtype.itemsize > 1 else arr.dtype
+    data = bytes([0, 0, _CODES[np.dtype(be)], arr.ndim])
+    data += np.asarray(arr.shape, dtype=">u4").tobytes() + arr.astype(be).tobytes()
+    path = str(path)
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def make_fake_fashion(root, n_train=50, n_test=20, side=28, num_classes=10, gz=True, seed=0):
+    """A Fashion-MNIST-shaped IDX directory; image i is constant at 20 * label (checkable values)."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % num_classes).astype(np.uint8)
+        rng.shuffle(labels)
+        images = np.broadcast_to((labels * 20)[:, None, None], (n, side, side)).astype(np.uint8)
+        sfx = ".gz" if gz else ""
+        write_idx(os.path.join(root, IDX_FILES[f"{split}_images"] + sfx), images, gz)
+        write_idx(os.path.join(root, IDX_FILES[f"{split}_labels"] + sfx), labels, gz)
+    return str(root)
+
+
+# ------------------------------------------------------------------------------------------ IDX
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("arr", [
+    np.arange(7, dtype=np.uint8),                               # 1-D labels
+    np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4),      # 3-D images
+    np.array([[-3, 70000], [1, 2]], dtype=np.int32),            # multi-byte, big-endian on disk
+    np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
+])
+def test_read_idx_roundtrip(tmp_path, arr, gz):
+    path = write_idx(tmp_path / "a.idx", arr, gz)
+    out = read_idx(path)
+    assert out.shape == arr.shape and out.dtype == arr.dtype
+    np.testing.assert_array_equal(out, arr)
+    out[...] = 0  # writable, native byte order
+    dtype, shape = read_idx_header(path)
+    assert shape == arr.shape and dtype.itemsize == arr.dtype.itemsize
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_bad_magic(tmp_path, gz):
+    path = str(tmp_path / "bad")
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(b"\x12\x34\x08\x01" + b"\x00" * 12)
+    for fn in (read_idx, read_idx_header):
+        with pytest.raises(DataError, match=r"bad.*magic"):
+            fn(path)
+
+
+def test_read_idx_unknown_dtype(tmp_path):
+    path = tmp_path / "bad"
+    path.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x05")
+    with pytest.raises(DataError, match="dtype code 0x07"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_truncated_payload(tmp_path, gz):
+    arr = np.arange(100, dtype=np.uint8).reshape(4, 5, 5)
+    full = bytes([0, 0, 8, 3]) + np.asarray(arr.shape, ">u4").tobytes() + arr.tobytes()
+    path = str(tmp_path / "t")
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(full[:-10])  # a well-formed container whose IDX payload is short
+    for fn in (read_idx, read_idx_header):
+        with pytest.raises(DataError, match="truncated or corrupt") as e:
+            fn(path)
+        assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_read_idx_truncated_gzip_stream(tmp_path):
+    path = write_idx(tmp_path / "a.gz", np.random.default_rng(0).integers(0, 255, (50, 28, 28), dtype=np.uint8), gz=True)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # a download cut in half
+    with pytest.raises(DataError, match=str(tmp_path)):
+        read_idx(path)
+    with pytest.raises(DataError):
+        read_idx_header(path)
+
+
+def test_read_idx_missing_file(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        read_idx(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------- splits
+def test_split_deterministic_disjoint_covering():
+    tr, va = split_indices(1000, 0.1, seed=0)
+    tr2, va2 = split_indices(1000, 0.1, seed=0)
+    np.testing.assert_array_equal(tr, tr2)
+    np.testing.assert_array_equal(va, va2)
+    assert len(va) == 100 and len(tr) == 900
+    assert not set(tr) & set(va)
+    assert sorted(set(tr) | set(va)) == list(range(1000))
+    tr3, va3 = split_indices(1000, 0.1, seed=1)
+    assert set(va3) != set(va)
+
+
+def test_split_subsets_are_seeded_and_nested():
+    tr, va = split_indices(1000, 0.2, seed=3)
+    small_tr, small_va = split_indices(1000, 0.2, seed=3, train_subset=50, val_subset=10)
+    big_tr, _ = split_indices(1000, 0.2, seed=3, train_subset=200)
+    assert len(small_tr) == 50 and len(small_va) == 10
+    assert set(small_tr) <= set(big_tr) <= set(tr) and set(small_va) <= set(va)
+    assert small_tr.max() > 500  # a random sample, not the first 50 indices
+    with pytest.raises(DataError, match="train_subset=900 but the training split has only 800"):
+        split_indices(1000, 0.2, seed=3, train_subset=900)
+    with pytest.raises(DataError, match="empty validation"):
+        split_indices(5, 0.05, seed=0)
+
+
+# -------------------------------------------------------------------------------- Fashion-MNIST
+@pytest.mark.parametrize("gz", [True, False])
+def test_fake_fashion_mnist_loads(tmp_path, gz):
+    root = make_fake_fashion(tmp_path / "fm", gz=gz)
+    spec = DataSpec(root=root, img_size=16, val_fraction=0.2, seed=0)
+    summary = check_data(spec, num_classes=10)
+    assert (summary.num_classes, summary.n_train, summary.n_test) == (10, 50, 20)
+    s = load_splits(spec)
+    assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 20)
+    assert s.num_classes == 10 and s.class_names[0] == "T-shirt/top" and len(s.class_names) == 10
+    assert s.mean == (FASHION_MNIST_MEAN,) and s.std == (FASHION_MNIST_STD,)
+    for ds in (s.train, s.val, s.test):
+        x, y = ds[3]
+        assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
+        # Constant images stay constant through the resize: check the exact normalisation.
+        expected = (20 * int(y) / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+        torch.testing.assert_close(x, torch.full_like(x, expected), atol=1e-5, rtol=0)
+    # Same spec -> same split.
+    again = load_splits(spec)
+    assert torch.equal(again.val.labels, s.val.labels) and torch.equal(again.train.images, s.train.images)
+
+
+def test_fake_fashion_mnist_three_channels_and_subsets(tmp_path):
+    root = make_fake_fashion(tmp_path / "fm")
+    s = load_splits(DataSpec(root=root, img_size=8, in_chans=3, train_subset=7, val_subset=3, test_subset=4))
+    assert (len(s.train), len(s.val), len(s.test)) == (7, 3, 4)
+    x, _ = s.train[0]
+    assert x.shape == (3, 8, 8) and torch.equal(x[0], x[2])
+    batch = next(iter(torch.utils.data.DataLoader(s.train, batch_size=5)))
+    assert batch[0].shape == (5, 3, 8, 8) and batch[1].shape == (5,)
+    with pytest.raises(DataError, match="train_subset=100"):
+        check_data(DataSpec(root=root, train_subset=100))
+
+
+def test_missing_directory_has_install_hint(tmp_path):
+    spec = DataSpec(root=str(tmp_path / "nowhere"))
+    for fn in (check_data, load_splits):
+        with pytest.raises(DataError, match=r"does not exist.*apt-get install dataset-fashion-mnist.*--data DIR"):
+            fn(spec)
+
+
+def test_missing_file_is_named(tmp_path):
+    root = make_fake_fashion(tmp_path / "fm")
+    os.remove(os.path.join(root, "t10k-labels-idx1-ubyte.gz"))
+    with pytest.raises(DataError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\].*dataset-fashion-mnist"):
+        check_data(DataSpec(root=root))
+
+
+def test_count_mismatch_and_empty(tmp_path):
+    root = make_fake_fashion(tmp_path / "fm")
+    write_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"), np.zeros(49, np.uint8), gz=True)
+    with pytest.raises(DataError, match="holds 50 images but .* holds 49 labels"):
+        check_data(DataSpec(root=root))
+    with pytest.raises(DataError, match="holds 50 images but .* holds 49 labels"):
+        load_splits(DataSpec(root=root))
+    write_idx(os.path.join(root, "train-images-idx3-ubyte.gz"), np.zeros((0, 28, 28), np.uint8), gz=True)
+    with pytest.raises(DataError, match="holds no images"):
+        check_data(DataSpec(root=root))
+
+
+def test_class_count_mismatch(tmp_path):
+    root = make_fake_fashion(tmp_path / "fm")
+    with pytest.raises(DataError, match="has 10 classes but the model has 1000"):
+        check_data(DataSpec(root=root), num_classes=1000)
+
+
+def test_spec_validation():
+    with pytest.raises(DataError, match="not one of"):
+        DataSpec(kind="cifar")
+    with pytest.raises(DataError, match="needs a root"):
+        DataSpec(kind="folder")
+    with pytest.raises(DataError, match="in_chans"):
+        DataSpec(in_chans=2)
+    with pytest.raises(DataError, match="val_fraction"):
+        DataSpec(val_fraction=0.0)
+    assert issubclass(DataError, ValueError)
+
+
+# --------------------------------------------------------------------------------- ImageFolder
+def make_image_tree(root, classes=("cat", "dog"), n_train=4, n_val=2):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                img = Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8))
+                img.save(os.path.join(root, split, c, f"{i}.{'jpg' if i % 2 else 'png'}"))
+    return str(root)
+
+
+def test_image_folder_loads_with_deit_transforms(tmp_path):
+    root = make_image_tree(tmp_path / "imgs")
+    spec = DataSpec(kind="folder", root=root, img_size=16, in_chans=3, val_fraction=0.25)
+    assert check_data(spec, num_classes=2).class_names == ("cat", "dog")
+    s = load_splits(spec)
+    assert (len(s.train), len(s.val), len(s.test)) == (6, 2, 4)
+    assert s.num_classes == 2 and s.class_names == ("cat", "dog")
+    for ds in (s.train, s.val, s.test):
+        x, y = ds[0]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y in (0, 1)
+    # DeiT's recipe: RandAugment + random erasing for training, resize/centre-crop for eval.
+    names = [type(t).__name__ for t in s.train.dataset.transform.transforms]
+    assert "RandAugment" in names and "RandomErasing" in names
+    assert "CenterCrop" in [type(t).__name__ for t in s.val.dataset.transform.transforms]
+    x1, _ = load_splits(DataSpec(kind="folder", root=root, img_size=16, in_chans=1)).test[0]
+    assert x1.shape == (1, 16, 16)
+    with pytest.raises(DataError, match="has 2 classes but the model has 1000"):
+        check_data(spec, num_classes=1000)
+
+
+def test_image_folder_errors(tmp_path):
+    root = make_image_tree(tmp_path / "imgs")
+    spec = DataSpec(kind="folder", root=root, img_size=16)
+    os.makedirs(os.path.join(root, "train", "emu"))
+    with pytest.raises(DataError, match="emu has no images"):
+        check_data(spec)
+    os.rmdir(os.path.join(root, "train", "emu"))
+    os.makedirs(os.path.join(root, "val", "cow"))
+    open(os.path.join(root, "val", "cow", "a.png"), "wb").close()
+    with pytest.raises(DataError, match="different classes"):
+        check_data(spec)
+    with pytest.raises(DataError, match="does not exist"):
+        check_data(DataSpec(kind="folder", root=str(tmp_path / "imgs" / "train" / "cat")))
+    with pytest.raises(DataError, match="root .* does not exist"):
+        load_splits(DataSpec(kind="folder", root=str(tmp_path / "none")))
+
+
+# ------------------------------------------------------------------------- the real Debian files
+def test_real_fashion_mnist():
+    # CI installs this package; a missing directory is a setup error, not a reason to skip.
+    if not os.path.isdir(DEFAULT_FASHION_MNIST_DIR):
+        pytest.fail(f"{DEFAULT_FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist "
+                    "(apt-get install dataset-fashion-mnist)")
+    spec = DataSpec(img_size=32)
+    summary = check_data(spec, num_classes=10)
+    assert (summary.n_train, summary.n_test, summary.num_classes) == (60000, 10000, 10)
+    s = load_splits(spec)
+    assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
+    assert s.train.images.shape == (54000, 1, 32, 32) and s.train.images.dtype == torch.uint8
+    assert sorted(torch.unique(s.test.labels).tolist()) == list(range(10))
+    # Normalised with the standard statistics: roughly zero mean, unit std.
+    x = torch.stack([s.train[i][0] for i in range(2000)])
+    assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.1
