@@ -1,7 +1,7 @@
 """SiT on timm: token slimming (TSM), its training-only inverse (RTSM), FRD distillation,
 peer reducers and honest measurement. Importing this package registers the `sit_*` models
 with timm. Pure PyTorch + timm: nothing here knows about Ray or MLflow."""
-from . import registry  # noqa: F401  (registers the models with timm)
+from . import lvvit, registry  # noqa: F401  (registers the models with timm)
 from .distill import FRDDistiller, FRDOutput, LoadReport, student_from_teacher
 from .loss import FRDLoss
 from .patch import apply_slimming, slim_schedule, tokens_per_block

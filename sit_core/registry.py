@@ -44,3 +44,41 @@ def sit_deit_small(pretrained: bool = False, **kwargs):
 def sit_deit_base(pretrained: bool = False, **kwargs):
     """DeiT-B (224, patch 16) with TSMs after blocks 3, 6, 9 keeping 0.7."""
     return create_slimmed("deit_base_patch16_224", DEIT_SCHEDULE, pretrained, **kwargs)
+
+
+def _sit_lvvit(variant: str, pretrained: bool, **kwargs):
+    from .lvvit import SIT_LVVIT_SCHEDULES  # registers the lvvit_* teachers with timm
+
+    row = SIT_LVVIT_SCHEDULES[variant]
+    default = SlimSchedule(positions=row.tsm_after, keep=(row.keep_ratio,))
+    return create_slimmed(f"lvvit_{row.teacher}", default, pretrained, **kwargs)
+
+
+@register_model
+def sit_lvvit_tiny(pretrained: bool = False, **kwargs):
+    """SiT-T: LV-ViT-T (320, 14 blocks) with TSMs after blocks 1, 2, 3 keeping 0.5."""
+    return _sit_lvvit("tiny", pretrained, **kwargs)
+
+
+@register_model
+def sit_lvvit_xsmall(pretrained: bool = False, **kwargs):
+    """SiT-XS: LV-ViT-S (384, 16 blocks) with TSMs after blocks 1, 2, 3 keeping 0.5."""
+    return _sit_lvvit("xsmall", pretrained, **kwargs)
+
+
+@register_model
+def sit_lvvit_small(pretrained: bool = False, **kwargs):
+    """SiT-S: LV-ViT-S (384, 16 blocks) with TSMs after blocks 9, 12, 14 keeping 0.5."""
+    return _sit_lvvit("small", pretrained, **kwargs)
+
+
+@register_model
+def sit_lvvit_medium(pretrained: bool = False, **kwargs):
+    """SiT-M: LV-ViT-M (512, 20 blocks) with TSMs after blocks 10, 14, 17 keeping 0.5."""
+    return _sit_lvvit("medium", pretrained, **kwargs)
+
+
+@register_model
+def sit_lvvit_large(pretrained: bool = False, **kwargs):
+    """SiT-L: LV-ViT-L (768, 24 blocks, 288 px) with TSMs after blocks 10, 14, 17 keeping 0.5."""
+    return _sit_lvvit("large", pretrained, **kwargs)

@@ -118,3 +118,36 @@ def test_drop_keeps_the_most_attended_tokens():
     assert drop(x, attn).flatten().tolist() == [1.0, 3.0]
     fused = TopKDrop(in_tokens=4, out_tokens=2, fuse=True)(x, attn).flatten().tolist()
     assert fused[0] == 1.0 and fused[1] == pytest.approx((0.1 * 0 + 0.05 * 2 + 0.35 * 3) / 0.5)
+
+
+LVVIT = {  # SPEC table: name -> (img_size, depth, TSM after blocks)
+    "sit_lvvit_tiny": (224, 14, (1, 2, 3)),
+    "sit_lvvit_xsmall": (224, 16, (1, 2, 3)),
+    "sit_lvvit_small": (224, 16, (9, 12, 14)),
+    "sit_lvvit_medium": (224, 20, (10, 14, 17)),
+    "sit_lvvit_large": (288, 24, (10, 14, 17)),
+}
+
+
+@pytest.mark.parametrize("name", list(LVVIT))
+def test_lvvit_variants_token_counts_follow_the_spec_table(name):
+    img, depth, after = LVVIT[name]
+    model = timm.create_model(name, num_classes=10).eval()
+    n0 = (img // 16) ** 2
+    stages = [n0, n0 // 2, n0 // 4, n0 // 8]  # int(N0 * 0.5^i): 196 -> 98 -> 49 -> 24 at 224
+    expected, stage = [], 0
+    for block in range(1, depth + 1):
+        expected.append(stages[stage] + 1)
+        if stage < 3 and block == after[stage]:
+            stage += 1
+    seen, out = entering_tokens(model, torch.randn(1, 3, img, img))
+    assert seen == expected
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in timm.list_models(["sit_*", "lvvit_*"])))
+def test_every_registered_name_builds_and_runs_on_a_small_input(name):
+    model = timm.create_model(name, img_size=64, num_classes=4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
