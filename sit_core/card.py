@@ -1,0 +1,265 @@
+"""Model cards: one chosen configuration on disk, enough to rebuild the model (the loop closes).
+
+A card is a human-readable YAML file with the weights beside it:
+
+    cards/sit_fmnist_knee.yaml        format: sit-card/1, name, model (backbone, kwargs, schedule),
+    cards/sit_fmnist_knee.pt          loss, train, data, metrics, speed, mlflow, weights, created
+
+`write_card(...)` writes both, `load_card(path)` rebuilds the inference student and loads the
+weights strictly after checking their sha256. The weights path is stored relative to the card,
+so a card directory can be copied or moved as a whole. Nothing here imports Ray or MLflow: the
+`mlflow` field is plain text the caller fills in.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import yaml
+from torch import nn
+
+from .config import DistillJob, ModelSpec
+
+FORMAT = "sit-card/1"
+# Fields every card has; loss/train/data are present when the card was written from a DistillJob.
+REQUIRED = ("format", "name", "model", "metrics", "speed", "weights", "created")
+# A name becomes the weights' file name: keep it a plain, portable file-name component.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_card(path: PathLike, *, name: str, job_or_model_spec: Union[DistillJob, ModelSpec],
+               state_dict: Optional[Union[Mapping, nn.Module]] = None, weights_path: Optional[PathLike] = None,
+               metrics: Mapping[str, Any], speed: Any, mlflow: Optional[Mapping] = None,
+               extra: Optional[Mapping] = None) -> Path:
+    """Write the card YAML at `path` (or `path/<name>.yaml` if `path` is a directory) and its weights.
+
+    Give the inference student's weights as `state_dict` (saved as `<name>.pt`) or as an existing
+    `weights_path` (copied to `<name><suffix>`; .pt/.pth/.bin or .safetensors). `speed` is a dict
+    or a `measure.SpeedRecord`. `extra` is stored as is under `extra:`. Returns the card's path.
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"card name {name!r} must be a plain file name: letters, digits, '.', '_', '-'")
+    if (state_dict is None) == (weights_path is None):
+        raise ValueError("give exactly one of state_dict or weights_path")
+    if isinstance(job_or_model_spec, DistillJob):
+        spec, job = job_or_model_spec.model, job_or_model_spec
+    elif isinstance(job_or_model_spec, ModelSpec):
+        spec, job = job_or_model_spec, None
+    else:
+        raise ValueError(f"job_or_model_spec must be a DistillJob or ModelSpec, got {type(job_or_model_spec).__name__}")
+
+    path = Path(path)
+    card_path = path / f"{name}.yaml" if path.is_dir() else path
+
+    # Everything is checked before anything is written, so a refused card leaves no files behind.
+    if state_dict is not None:
+        if isinstance(state_dict, nn.Module):
+            state_dict = state_dict.state_dict()
+        state = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state_dict.items()}
+        weights_file = card_path.parent / f"{name}.pt"
+    else:
+        source = Path(weights_path)
+        state = _read_weights(source)
+        weights_file = card_path.parent / f"{name}{source.suffix or '.pt'}"
+    _check_state(spec, state)
+
+    card: dict[str, Any] = {"format": FORMAT, "name": name, "model": spec.to_dict()}
+    if job is not None:
+        card["loss"] = dataclasses.asdict(job.loss)
+        card["train"] = dataclasses.asdict(job.train)
+        card["data"] = {"kind": job.data.kind, "img_size": job.data.img_size, "in_chans": job.data.in_chans,
+                        "num_classes": spec.kwargs.get("num_classes")}
+    card["metrics"] = _metrics(metrics)
+    card["speed"] = _speed(speed)
+    if mlflow is not None:
+        card["mlflow"] = _plain(dict(mlflow), "mlflow")
+    if extra is not None:
+        card["extra"] = _plain(dict(extra), "extra")
+    card = _plain(card, "card")
+
+    # Weights first, card last: a crash in between leaves orphan weights, never a card without them
+    # (or, when rewriting a card, the old card over new weights, which its sha256 then rejects).
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        _atomic_write(weights_file, lambda f: torch.save(state, f))
+    elif source.resolve() != weights_file.resolve():
+        _atomic_write(weights_file, lambda f: _copy_into(source, f))
+    card["weights"] = {"file": weights_file.name, "sha256": _sha256(weights_file)}
+    card["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    header = f"# SiT model card. Rebuild with: sit_core.load_card({card_path.name!r})\n"
+    _atomic_write(card_path, lambda f: f.write(
+        (header + yaml.dump(card, Dumper=_CardDumper, sort_keys=False, allow_unicode=True)).encode()))
+    return card_path
+
+
+def read_card(path: PathLike) -> dict:
+    """The card at `path` as a dict, after checking its format and required fields."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        card = yaml.safe_load(f)
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} is not a SiT card: expected a YAML mapping, got {type(card).__name__}")
+    fmt = card.get("format")
+    if not isinstance(fmt, str) or not fmt.startswith("sit-card/"):
+        raise ValueError(f"{path} is not a SiT card: format is {fmt!r}, expected {FORMAT!r}")
+    if fmt != FORMAT:
+        raise ValueError(f"{path} has card format {fmt!r}; this sit_core reads {FORMAT!r}")
+    for key in REQUIRED:
+        if key not in card or card[key] is None:
+            raise ValueError(f"{path} is missing the required field {key!r}")
+    for key, sub in (("model", ("backbone", "schedule")), ("weights", ("file", "sha256"))):
+        if not isinstance(card[key], dict):
+            raise ValueError(f"{path}: field {key!r} must be a mapping, got {type(card[key]).__name__}")
+        for s in sub:
+            if s not in card[key]:
+                raise ValueError(f"{path} is missing the required field '{key}.{s}'")
+    if Path(card["weights"]["file"]).is_absolute():
+        raise ValueError(f"{path}: weights.file must be relative to the card, got {card['weights']['file']!r}")
+    return card
+
+
+def card_model_spec(path: PathLike) -> ModelSpec:
+    """The card's architecture (backbone, timm kwargs, schedule), without loading weights."""
+    return ModelSpec.from_dict(read_card(path)["model"])
+
+
+def load_card(path: PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the card's inference student and load its weights strictly; returned in eval mode."""
+    path = Path(path)
+    card = read_card(path)
+    weights_file = path.parent / card["weights"]["file"]
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"weights file {weights_file} named by card {path} does not exist")
+    # Hash before unpickling/parsing anything: a swapped or truncated file never reaches the model.
+    if _sha256(weights_file) != card["weights"]["sha256"]:
+        raise ValueError(f"weights file {weights_file} does not match the card's sha256 "
+                         f"({card['weights']['sha256'][:12]}...): it was changed or belongs to another card")
+    state = _read_weights(weights_file, map_location)
+    # pretrained=False: every weight comes from the card, never from a download.
+    model = ModelSpec.from_dict(card["model"]).build(pretrained=False)
+    model.load_state_dict(state, strict=True)
+    if isinstance(map_location, (str, torch.device)):
+        model.to(map_location)
+    return model.eval()
+
+
+def _check_state(spec: ModelSpec, state: Mapping) -> None:
+    """Refuse training-only keys, and weights that would not load strictly into `spec.build()`."""
+    rtsm = [k for k in state if "rtsm" in k.lower()]
+    if rtsm:
+        raise ValueError(f"the weights hold training-only RTSM keys ({rtsm[0]!r}, {len(rtsm)} in all): "
+                         "save the inference student (distiller.student.state_dict())")
+    # Meta device: the shapes without allocating or initialising a second copy of the model.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in spec.build(pretrained=False).state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"the weights do not fit {spec.backbone} with schedule {spec.schedule}: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, shape in expected.items():
+        if torch.is_tensor(state[k]) and tuple(state[k].shape) != shape:
+            raise ValueError(f"the weights do not fit the spec: {k} has shape {tuple(state[k].shape)}, "
+                             f"the model expects {shape}")
+
+
+def _read_weights(path: Path, map_location: Any = "cpu") -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file  # timm depends on safetensors
+
+        device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+        return load_file(str(path), device=device)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{path} does not hold a state_dict (a mapping of parameter names to tensors)")
+    return dict(state)
+
+
+def _metrics(metrics: Mapping[str, Any]) -> dict:
+    # Floats, so YAML shows plain numbers (not numpy/tensor objects); None stays "not measured".
+    out = {}
+    for k, v in dict(metrics).items():
+        try:
+            out[str(k)] = None if v is None else float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"metric {k!r}={v!r} is not a number") from None
+    return out
+
+
+def _speed(speed: Any) -> dict:
+    """A speed record as a dict; a `measure.SpeedRecord` also contributes its protocol sentence."""
+    if isinstance(speed, Mapping):
+        return dict(speed)
+    if hasattr(speed, "to_dict"):
+        d = dict(speed.to_dict())
+        if callable(getattr(speed, "protocol", None)):
+            d.setdefault("protocol", speed.protocol())
+        return d
+    raise ValueError(f"speed must be a dict or a SpeedRecord, got {type(speed).__name__}")
+
+
+def _plain(obj: Any, where: str) -> Any:
+    """`obj` as YAML-safe builtins (tuples -> lists, numpy/torch scalars -> numbers, paths -> str)."""
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    for base in (bool, int, float, str):  # subclasses (torch.__version__, enums) would not dump
+        if isinstance(obj, base):
+            return base(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        return obj.item()
+    raise ValueError(f"{where} = {obj!r} ({type(obj).__name__}) cannot be written to a YAML card")
+
+
+class _CardDumper(yaml.SafeDumper):
+    """safe_dump with block mappings but one-line lists (`positions: [3, 6, 9]`), for reading."""
+
+
+_CardDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def _atomic_write(dest: Path, write: Callable) -> None:
+    """Write through a temporary file in the same directory, then os.replace: all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a card is meant to be shared
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _copy_into(source: Path, f) -> None:
+    with open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
