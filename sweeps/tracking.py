@@ -1,0 +1,456 @@
+"""MLflow tracking for sweeps: one parent run per sweep, one nested child run per trial.
+
+The only module that talks to MLflow (no Ray here either): the sweep driver and its trials call
+these functions with an explicit tracking URI, so no process-global MLflow state
+(``mlflow.set_tracking_uri``, active runs) leaks between trials or into Ray's own integrations.
+
+Layout in the store:
+- experiment: created once by the driver (``ensure_experiment``) with an explicit artifact
+  location, so artifacts never land in ``./mlartifacts`` of whatever directory a trial runs in.
+- parent run (``sit.role=sweep``, ``sit.sweep_id=<id>``): sweep settings, Pareto CSV, plot,
+  hypervolume history. A resumed sweep finds and reopens it instead of making a second one.
+- child runs (``sit.role=trial``, ``sit.trial_id=<id>``, ``mlflow.parentRunId=<parent>`` so the UI
+  nests them): flattened config params, per-epoch metrics (``step=epoch``), final metrics, the speed
+  record, the status and the failure reason. ``sit.pareto=true|false`` once the front is known.
+
+Experiments, runs and metric series are idempotent on their keys (name, sweep id, trial id,
+step), so a resumed sweep can log everything again without duplicating runs or history points.
+
+Limits: MLflow 3 refuses the file store (``./mlruns``); use ``sqlite:////abs/path/mlflow.db``
+(one machine, or a shared filesystem that supports SQLite locking) or a tracking server
+(``http://host:5000``, the choice for multi-node clusters). Create the experiment in the driver
+before trials start: two processes initialising a brand-new SQLite file at once can race on
+MLflow's schema migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+log = logging.getLogger(__name__)
+
+DB_FILENAME = "mlflow.db"
+ARTIFACTS_DIRNAME = "mlartifacts"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests a run under this one
+ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "sit.role", "sit.sweep_id", "sit.trial_id"
+FAILURE_TAG, PARETO_TAG = "sit.failure", "sit.pareto"
+SPEED_PREFIX = "speed."
+HV_HISTORY_FILE = "hypervolume_history.csv"
+# Database backends pass through as given; sqlite is handled apart (its path is made absolute).
+DB_SCHEMES = ("postgresql", "mysql", "mssql")
+TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+_TRUNCATED = "...[truncated]"
+
+
+# ---------------------------------------------------------------- tracking URI
+
+def default_tracking_uri(out_dir: str | os.PathLike) -> str:
+    """``sqlite:////ABS/out_dir/mlflow.db``: absolute, so every process opens the same file."""
+    return "sqlite:///" + str(Path(out_dir).expanduser().resolve() / DB_FILENAME)
+
+
+def resolve_tracking_uri(cli_value: str | None, out_dir: str | os.PathLike) -> str:
+    """The tracking URI to use: ``cli_value``, else ``$MLFLOW_TRACKING_URI``, else the default.
+
+    Accepted: ``http(s)://`` servers, ``sqlite:///path`` (a relative path is made absolute against
+    the current directory *now*: Ray runs trials in their own working directories, where a relative
+    path would open a different, empty database), and ``postgresql/mysql/mssql`` URIs.
+    A plain directory or ``file:`` URI (MLflow's file store) raises ``ValueError``, because MLflow 3
+    refuses it at first use, deep inside a trial. The one exception mirrors MLflow's own opt-out:
+    with ``MLFLOW_ALLOW_FILE_STORE=true`` the directory is accepted (as an absolute ``file://`` URI).
+    """
+    uri = cli_value or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        return uri.rstrip("/")
+    if scheme == "sqlite":
+        return _absolute_sqlite_uri(uri)
+    if scheme.split("+")[0] in DB_SCHEMES:  # e.g. postgresql+psycopg2://
+        return uri
+    if scheme in ("", "file") or re.fullmatch(r"[a-z]", scheme):  # a path (or a Windows drive)
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+            path = urlparse(uri).path if scheme == "file" else uri
+            return Path(path).expanduser().resolve().as_uri()
+        raise ValueError(
+            f"tracking URI {uri!r} is a directory (MLflow's file store), which MLflow 3 refuses. "
+            f"Use a SQLite file such as {default_tracking_uri(out_dir)!r} (the default), or a "
+            "tracking server such as 'http://127.0.0.1:5000'. Set MLFLOW_ALLOW_FILE_STORE=true "
+            "to use the deprecated file store anyway.")
+    raise ValueError(f"unsupported tracking URI {uri!r}: use sqlite:////abs/path/{DB_FILENAME}, "
+                     "http(s)://host:port, or a postgresql/mysql/mssql database URI")
+
+
+def _absolute_sqlite_uri(uri: str) -> str:
+    rest = uri[len("sqlite:///"):] if uri.lower().startswith("sqlite:///") else ""
+    path, sep, query = rest.partition("?")
+    if not path or path == ":memory:":
+        raise ValueError(f"{uri!r}: give a SQLite file (sqlite:////abs/path/{DB_FILENAME}); an "
+                         "in-memory database is not shared between the sweep's processes")
+    return "sqlite:///" + str(Path(path).expanduser().resolve()) + sep + query
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    if not tracking_uri.lower().startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].partition("?")[0])
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """What to print at the end of a sweep so the user can open its runs.
+
+    For a database store: the ``mlflow ui`` command line (one worker and no job runner: starts in
+    seconds at ~0.5 GB instead of ~2.5 GB). For a tracking server the UI is the server: its URL.
+    """
+    if urlparse(tracking_uri).scheme.lower() in ("http", "https"):
+        return tracking_uri
+    return ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri "
+            f"{shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000 --workers 1")
+
+
+# ---------------------------------------------------------------- experiment and parent run
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created if missing; safe when several processes race.
+
+    Without ``artifact_location``: next to a SQLite file (``<db dir>/mlartifacts/<name>``, a
+    ``file://`` URI), the server's choice for a tracking server; other databases need one given.
+    An existing experiment keeps the artifact location it was created with (MLflow cannot change it).
+    """
+    client = MlflowClient(tracking_uri)
+    if (found := _live_experiment(client, name)) is not None:
+        return found
+    if artifact_location is None and (db := _sqlite_path(tracking_uri)) is not None:
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        artifact_location = (db.parent / ARTIFACTS_DIRNAME / safe).as_uri()
+    elif artifact_location is None and urlparse(tracking_uri).scheme.split("+")[0] in DB_SCHEMES:
+        raise ValueError(f"experiment {name!r}: give artifact_location for {tracking_uri!r} "
+                         "(otherwise MLflow writes artifacts to ./mlartifacts of each process)")
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        found = _live_experiment(client, name)  # another process created it between our calls
+        if found is None:
+            raise
+        return found
+
+
+def _live_experiment(client: MlflowClient, name: str) -> str | None:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return None
+    if experiment.lifecycle_stage != "active":
+        # A deleted experiment still owns its name; reviving it silently could mix two sweeps.
+        raise ValueError(
+            f"experiment {name!r} (id {experiment.experiment_id}) is deleted: restore it with "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}` "
+            "or choose another name")
+    return experiment.experiment_id
+
+
+def find_parent_run(tracking_uri: str, experiment_id: str, sweep_id: str) -> str | None:
+    """The run id of sweep ``sweep_id``'s parent run (the oldest, should there be two), or None."""
+    runs = MlflowClient(tracking_uri).search_runs(
+        [experiment_id],
+        f"tags.`{SWEEP_TAG}` = '{_quotable(sweep_id)}' and tags.`{ROLE_TAG}` = 'sweep'",
+        ViewType.ACTIVE_ONLY, max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0].info.run_id if runs else None
+
+
+def start_parent_run(tracking_uri: str, experiment_id: str, sweep_id: str,
+                     params: Mapping | None = None, tags: Mapping | None = None) -> str:
+    """The parent run of sweep ``sweep_id``: created, or reopened if the sweep ran before.
+
+    ``params`` are flattened as in ``log_trial``. On a resumed sweep, new keys are added; a key
+    whose value changed keeps its first value (MLflow params are immutable) with a warning.
+    """
+    client = MlflowClient(tracking_uri)
+    run_id = find_parent_run(tracking_uri, experiment_id, sweep_id)
+    if run_id is not None:
+        return _reopen(client, run_id, params, tags)
+    run_tags = {**_str_values(tags or {}), SWEEP_TAG: sweep_id, ROLE_TAG: "sweep"}
+    run = client.create_run(experiment_id, tags=run_tags, run_name=sweep_id)
+    _log_params(client, run.info.run_id, flatten_params(params or {}), existing={})
+    return run.info.run_id
+
+
+def resume_parent_run(tracking_uri: str, experiment_id: str, sweep_id: str,
+                      params: Mapping | None = None, tags: Mapping | None = None) -> str:
+    """Reopen sweep ``sweep_id``'s parent run (status back to RUNNING); ``LookupError`` if none."""
+    run_id = find_parent_run(tracking_uri, experiment_id, sweep_id)
+    if run_id is None:
+        raise LookupError(f"no parent run tagged {SWEEP_TAG}={sweep_id!r} in experiment "
+                          f"{experiment_id}: nothing to resume (start the sweep without resume)")
+    return _reopen(MlflowClient(tracking_uri), run_id, params, tags)
+
+
+def _reopen(client: MlflowClient, run_id: str, params: Mapping | None, tags: Mapping | None) -> str:
+    run = client.get_run(run_id)
+    _log_params(client, run_id, flatten_params(params or {}), existing=run.data.params)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in _str_values(tags or {}).items()])
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def end_parent_run(tracking_uri: str, parent_run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(parent_run_id, _terminal(status))
+
+
+# ---------------------------------------------------------------- trials
+
+def log_trial(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
+              params: Mapping, epoch_metrics: list[Mapping], final_metrics: Mapping,
+              speed_record: Mapping | None = None, status: str = "FINISHED",
+              failure: str | None = None, tags: Mapping | None = None) -> str:
+    """Log one finished (or failed) trial as a child run of ``parent_run_id``; returns its run id.
+
+    - ``params``: the trial's config, flattened (``model.schedule.keep``), non-strings JSON-encoded.
+    - ``epoch_metrics``: one dict per epoch; step = its ``"epoch"`` value, else its position.
+      Non-numeric values (Ray result rows carry hostnames, dates) are skipped.
+    - ``final_metrics``: logged at the last epoch's step and later in time, so MLflow's "latest"
+      value of a key that is also an epoch metric (say ``top1``) is the final one.
+    - ``speed_record`` (``SpeedRecord.to_dict()``): floats are measurements -> metrics
+      ``speed.<key>``; the rest is the protocol (device, dtype, batch size...) -> params.
+    - ``status``: FINISHED, FAILED or KILLED; ``failure`` goes to tag ``sit.failure``.
+
+    Idempotent on ``trial_id``: an existing child with that id is reused. If it already has this
+    status nothing is written; otherwise (an earlier attempt failed, or crashed while logging) the
+    new values are added to it: only epochs after those already logged, params not yet logged.
+    """
+    status = _terminal(status)
+    client = MlflowClient(tracking_uri)
+    run = _find_child(client, experiment_id, parent_run_id, trial_id)
+    if run is not None and run.info.status == status:
+        return run.info.run_id
+    if run is None:
+        run_tags = {**_str_values(tags or {}), PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id,
+                    ROLE_TAG: "trial"}
+        run = client.create_run(experiment_id, tags=run_tags, run_name=trial_id)
+        existing_params: Mapping = {}
+    else:
+        existing_params = run.data.params
+    run_id = run.info.run_id
+
+    speed = flatten_params(speed_record or {}, prefix=SPEED_PREFIX)
+    speed_metrics = {k: float(v) for k, v in speed.items() if _is_measurement(v)}
+    _log_params(client, run_id, {**flatten_params(params),
+                                 **{k: v for k, v in speed.items() if k not in speed_metrics}},
+                existing=existing_params)
+
+    now = _now_ms()
+    metrics, last_step = [], 0
+    for i, row in enumerate(epoch_metrics):
+        step = int(row.get("epoch", i))
+        last_step = max(last_step, step)
+        metrics += [Metric(k, v, now, step) for k, v in _numeric(row).items() if k != "epoch"]
+    if run.data.metrics:  # a retry: keep the points already logged, add only later epochs
+        last = {k: _last_step(client, run_id, k) for k in {m.key for m in metrics}}
+        metrics = [m for m in metrics if last[m.key] is None or m.step > last[m.key]]
+    final = {**_numeric(final_metrics), **speed_metrics}
+    metrics += [Metric(k, v, now + 1, last_step) for k, v in final.items()]
+    run_tags = _str_values(tags or {})
+    if failure:
+        run_tags[FAILURE_TAG] = _truncate(failure, MAX_TAG_VAL_LENGTH, keep_tail=True)
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    if not failure and FAILURE_TAG in run.data.tags:  # a retry that succeeded
+        client.delete_tag(run_id, FAILURE_TAG)
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def _find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.`{PARENT_TAG}` = '{_quotable(parent_run_id)}' "
+        f"and tags.`{TRIAL_TAG}` = '{_quotable(trial_id)}'",
+        ViewType.ACTIVE_ONLY, max_results=1, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def tag_pareto(tracking_uri: str, parent_run_id: str, child_run_ids: list[str],
+               pareto_ids: set[str]) -> None:
+    """Tag children ``sit.pareto=true`` (run id in ``pareto_ids``) or ``false`` (the others).
+
+    Filter the compare view with ``tags.sit.pareto = 'true'``. Ids are run ids of children of
+    ``parent_run_id``; anything else raises ``ValueError`` (say, trial ids passed by mistake).
+    """
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = set(_children(client, experiment_id, parent_run_id)["run_id"])
+    if strangers := set(child_run_ids) - children:
+        raise ValueError(f"{sorted(strangers)} are not child runs of {parent_run_id}")
+    if strangers := set(pareto_ids) - set(child_run_ids):
+        raise ValueError(f"Pareto ids {sorted(strangers)} are not in child_run_ids "
+                         "(run ids expected, not trial ids)")
+    for run_id in child_run_ids:  # MLflow has no batch write across runs
+        client.set_tag(run_id, PARETO_TAG, "true" if run_id in pareto_ids else "false")
+
+
+def log_parent_summary(tracking_uri: str, parent_run_id: str, pareto_csv: str | os.PathLike,
+                       plot_png: str | os.PathLike | None, hv_history: pd.DataFrame,
+                       metrics: Mapping | None = None) -> None:
+    """Attach the sweep's results to its parent run.
+
+    Artifacts: the Pareto table, the plot and ``hypervolume_history.csv`` (re-logging overwrites).
+    Metrics: every numeric column of ``hv_history`` except the first (its order column, e.g.
+    ``trial_number``) as a series with step = trial count (row 1 -> step 1), so MLflow's latest
+    ``hypervolume`` is the final one; then ``metrics`` (step 0). On a resumed sweep only steps after
+    those already logged are added.
+    """
+    client = MlflowClient(tracking_uri)
+    client.log_artifact(parent_run_id, str(pareto_csv))
+    if plot_png is not None:
+        client.log_artifact(parent_run_id, str(plot_png))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / HV_HISTORY_FILE
+        hv_history.to_csv(path, index=False)
+        client.log_artifact(parent_run_id, str(path))
+
+    now = _now_ms()
+    series = hv_history.iloc[:, 1:].select_dtypes("number")
+    out = []
+    for key in series.columns:
+        last = _last_step(client, parent_run_id, key) or 0
+        out += [Metric(key, float(v), now, step)
+                for step, v in enumerate(series[key], start=1) if step > last]
+    out += [Metric(k, v, now, 0) for k, v in _numeric(metrics or {}).items()]
+    client.log_batch(parent_run_id, metrics=out)
+
+
+# ---------------------------------------------------------------- reading back
+
+def trial_table(tracking_uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    """One row per child run of ``parent_run_id``: the same columns as ``mlflow.search_runs``.
+
+    ``run_id``, ``status``, ``start_time``, ``end_time``, then ``params.*`` (strings: non-strings
+    were JSON-encoded, ``json.loads`` brings them back), ``metrics.*`` (latest value) and ``tags.*``.
+    Built from ``MlflowClient.search_runs`` because ``mlflow.search_runs`` reads the process-global
+    tracking URI, which a library call must not set behind the caller's back.
+    """
+    return _children(MlflowClient(tracking_uri), experiment_id, parent_run_id)
+
+
+def _children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
+    rows, token = [], None
+    while True:  # paginate: one page is at most 1000 runs
+        page = client.search_runs(
+            [experiment_id], f"tags.`{PARENT_TAG}` = '{_quotable(parent_run_id)}'",
+            ViewType.ACTIVE_ONLY, max_results=1000, order_by=["attributes.start_time ASC"],
+            page_token=token)
+        for run in page:
+            rows.append({
+                "run_id": run.info.run_id, "status": run.info.status,
+                "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True),
+                "end_time": pd.to_datetime(run.info.end_time, unit="ms", utc=True),
+                **{f"params.{k}": v for k, v in run.data.params.items()},
+                **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
+                **{f"tags.{k}": v for k, v in run.data.tags.items()},
+            })
+        token = page.token
+        if not token:
+            break
+    fixed = ["run_id", "status", "start_time", "end_time"]
+    table = pd.DataFrame(rows, columns=None if rows else fixed)
+    rest = sorted(c for c in table.columns if c not in fixed)
+    return table[fixed + rest]
+
+
+# ---------------------------------------------------------------- helpers
+
+def flatten_params(params: Mapping, prefix: str = "") -> dict:
+    """``{"model": {"schedule": {"keep": 0.7}}}`` -> ``{"model.schedule.keep": 0.7}``.
+
+    Values are kept as they are (``log_trial`` stringifies them); tuples and lists stay whole.
+    """
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value) -> str:
+    # Strings as they are; everything else as JSON so the export can json.loads it back
+    # (tuples become lists; objects such as torch.dtype fall back to str).
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return _truncate(text, MAX_PARAM_VAL_LENGTH)
+
+
+def _log_params(client: MlflowClient, run_id: str, flat: Mapping, existing: Mapping) -> None:
+    new, changed = {}, []
+    for key, value in flat.items():
+        text = _param_value(value)
+        if key not in existing:
+            new[key] = text
+        elif existing[key] != text:
+            changed.append(key)
+    if changed:
+        log.warning("run %s: params %s changed since first logged; MLflow params are immutable, "
+                    "keeping the first values", run_id, changed)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in new.items()])  # chunks by itself
+
+
+def _numeric(row: Mapping) -> dict[str, float]:
+    # numbers.Real also admits numpy scalars; bools are flags, not metrics.
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _is_measurement(value) -> bool:
+    # In a speed record, measured values are floats; counts and settings are ints, strings, bools.
+    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
+
+
+def _last_step(client: MlflowClient, run_id: str, key: str) -> int | None:
+    history = client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=None)
+
+
+def _str_values(tags: Mapping) -> dict[str, str]:
+    return {str(k): _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+
+
+def _truncate(text: str, limit: int, keep_tail: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    n = limit - len(_TRUNCATED)
+    # A traceback's last lines hold the exception itself, so failures keep their tail.
+    return _TRUNCATED + text[-n:] if keep_tail else text[:n] + _TRUNCATED
+
+
+def _quotable(value: str) -> str:
+    # MLflow's filter grammar has no escape for quotes inside a string literal.
+    if "'" in value or '"' in value:
+        raise ValueError(f"{value!r}: ids used in MLflow filters cannot contain quotes")
+    return value
+
+
+def _terminal(status: str) -> str:
+    status = status.upper()
+    if status not in TERMINAL:
+        raise ValueError(f"status must be one of {sorted(TERMINAL)}, got {status!r}")
+    return status
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
