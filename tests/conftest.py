@@ -1,0 +1,69 @@
+"""Shared fixtures for the Ray tests: a private local Ray instance, tiny smoke jobs, absolute storage.
+
+Ray Train V2 workers import `train_func` from the installed package (`pip install -e .`), never
+from a test file, so everything a worker runs lives in `sweeps`/`sit_core`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sit_core.presets import get_preset, smoke
+
+RAY_CPUS = 2
+
+
+def tiny_job(**train):
+    """`smoke(fmnist-cpu)` shrunk further: 256 train / 64 val / 64 test images, 2 steps of 32.
+
+    `train` overrides fields of the distillation TrainSpec (e.g. epochs=2).
+    """
+    job = smoke(get_preset("fmnist-cpu"))
+    job.data = dataclasses.replace(job.data, train_subset=256, val_subset=64, test_subset=64)
+    job.train = dataclasses.replace(job.train, max_steps_per_epoch=2, batch_size=32, **train)
+    job.teacher_train = dataclasses.replace(job.teacher_train, max_steps_per_epoch=2, batch_size=32)
+    return job
+
+
+def ray_env(mp: pytest.MonkeyPatch, lock_dir) -> None:
+    """Environment every Ray process must inherit: set it before the raylet starts (undone by `mp`)."""
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    mp.delenv("RAY_ADDRESS", raising=False)       # never join a cluster someone else started
+    mp.setenv("SIT_NODE_LOCK_DIR", str(lock_dir))  # private NodeLock files: no other run's probes block us
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A private 2-CPU Ray instance for one test module (module scope: test_multinode needs none)."""
+    import ray
+
+    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        ray_env(mp, tmp_path_factory.mktemp("locks"))
+        # address="local": always our own instance, even if a `ray start` cluster runs on this node.
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=True)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture
+def smoke_job():
+    """A fresh tiny smoke job (callers may mutate it)."""
+    return tiny_job()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """Absolute Ray Train storage path (relative ones fail with ArrowInvalid)."""
+    path = tmp_path_factory.mktemp("ray_storage").resolve()
+    assert path.is_absolute()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Absolute teacher cache for one module."""
+    return str(tmp_path_factory.mktemp("teacher_cache").resolve())
