@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     teacher = ensure_teacher(job, cache_dir=args.cache_dir or DEFAULT_CACHE, workers=workers, storage_path=out)
     teacher_ref = ray.put(load_teacher_state(job, teacher.path))
-    name = args.name or f"distill-{job.model.schedule.reducer}-{job.model.architecture_key()}"
+    # a fresh run unless --name is reused: Ray Train resumes any run it finds under the same name
+    name = args.name or f"distill-{job.model.schedule.reducer}-{job.model.architecture_key()}-{time.strftime('%Y%m%d-%H%M%S')}"
     outcome = fit(job, mode="distill", teacher=teacher_ref, workers=workers, storage_path=out, run_name=name,
                   max_failures=args.max_failures)
     if outcome.status != "ok":
@@ -137,10 +138,11 @@ def main(argv=None) -> int:
 
 
 def _default_cpus(num_workers: int, gpu: bool) -> float:
+    """One worker gets the whole node's CPUs (torch uses them all); several share them evenly."""
     if gpu:
         return 1.0
     import ray
-    return max(1.0, ray.cluster_resources().get("CPU", 1) // max(num_workers, 1)) if num_workers == 1 else 1.0
+    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // num_workers))
 
 
 if __name__ == "__main__":
