@@ -3,7 +3,8 @@
     python sweeps/compare_reducers.py                      # Fashion-MNIST CPU preset, ~10 min on 2 cores
     python sweeps/compare_reducers.py --epochs 3 --workers 1
 
-Every reducer is distilled from the same cached teacher with the same recipe and FRD loss (the
+Every reducer is distilled from the same cached teacher with the same recipe (the preset's, with
+whole epochs instead of a sweep trial's capped ones) and FRD loss (the
 peers get the same RTSM feature distillation, so only the reducer differs), at a mild schedule
 (~1.7x fewer MACs) and an aggressive one (~3.5x). Prints top-1 as a fraction of the teacher's,
 MACs, and the measured speed-up next to the FLOPs-predicted one. A benchmark, not a test.
@@ -44,8 +45,8 @@ def main(argv=None) -> int:
     from sweeps.speed_probe import probe
 
     job = get_preset(args.preset)
-    if args.epochs:
-        job.train = dataclasses.replace(job.train, epochs=args.epochs)
+    # a fuller budget than a sweep trial's: whole epochs of the preset's training subset
+    job.train = dataclasses.replace(job.train, epochs=args.epochs or job.train.epochs, max_steps_per_epoch=None)
     print(init_ray())
     workers = Workers(args.workers, False, max(1.0, ray.cluster_resources().get("CPU", 1) // args.workers))
     out = os.path.abspath(args.out)
