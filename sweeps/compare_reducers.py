@@ -3,8 +3,8 @@
     python sweeps/compare_reducers.py                      # Fashion-MNIST CPU preset, ~10 min on 2 cores
     python sweeps/compare_reducers.py --epochs 3 --workers 1
 
-Every reducer is distilled from the same cached teacher with the same recipe (the preset's, with
-whole epochs instead of a sweep trial's capped ones) and FRD loss (the
+Every reducer is distilled from the same cached teacher with the same recipe (the preset's sweep
+trial budget unless --epochs/--max-steps say otherwise) and FRD loss (the
 peers get the same RTSM feature distillation, so only the reducer differs), at a mild schedule
 (~1.7x fewer MACs) and an aggressive one (~3.5x). Prints top-1 as a fraction of the teacher's,
 MACs, and the measured speed-up next to the FLOPs-predicted one. A benchmark, not a test.
@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="fmnist-cpu", choices=sorted(PRESETS))
     p.add_argument("--epochs", type=int, help="distillation epochs (default: the preset's)")
     p.add_argument("--reducers", default="tsm,drop,merge")
+    p.add_argument("--max-steps", type=int, help="steps per epoch (default: the preset's cap)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, help="default: the node's CPUs split over the workers")
     p.add_argument("--out", default="runs/compare_reducers")
     p.add_argument("--cache-dir", default=None)
     args = p.parse_args(argv)
@@ -45,10 +47,11 @@ def main(argv=None) -> int:
     from sweeps.speed_probe import probe
 
     job = get_preset(args.preset)
-    # a fuller budget than a sweep trial's: whole epochs of the preset's training subset
-    job.train = dataclasses.replace(job.train, epochs=args.epochs or job.train.epochs, max_steps_per_epoch=None)
+    job.train = dataclasses.replace(job.train, epochs=args.epochs or job.train.epochs,
+                                    max_steps_per_epoch=args.max_steps or job.train.max_steps_per_epoch)
     print(init_ray())
-    workers = Workers(args.workers, False, max(1.0, ray.cluster_resources().get("CPU", 1) // args.workers))
+    workers = Workers(args.workers, False,
+                      args.cpus_per_worker or max(1.0, ray.cluster_resources().get("CPU", 1) // args.workers))
     out = os.path.abspath(args.out)
     teacher = ensure_teacher(job, cache_dir=args.cache_dir or DEFAULT_CACHE, workers=workers, storage_path=out)
     ref = ray.put(load_teacher_state(job, teacher.path))
