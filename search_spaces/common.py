@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from sit_core.config import DistillJob
+import torch
+
+from sit_core.config import DistillJob, ModelSpec
 from sit_core.schedule import SlimSchedule
 
 
@@ -49,8 +53,9 @@ class DefineByRunSpace:
         b, depth = self.bounds, self.depth
         max_stages = max(1, min(b.max_stages, depth - 1))
         min_keep = _min_keep(self.num_patches, max_stages, b)
-        if len(b.reducers) > 1:
-            trial.suggest_categorical("reducer", list(b.reducers))
+        # always a parameter, even with one choice: a point must name its reducer (apply_point
+        # would otherwise fall back to the base job's, and `--reducers drop` searched TSMs)
+        trial.suggest_categorical("reducer", list(b.reducers))
         n = trial.suggest_int("n_stages", 1, max_stages)
         low = 1
         for i in range(n):
@@ -82,8 +87,7 @@ def apply_point(job: DistillJob, point: dict) -> DistillJob:
     keep = tuple(float(point[f"keep_{i + 1}"]) for i in range(n))
     reducer = point.get("reducer", job.model.schedule.reducer if not job.model.schedule.is_identity else "tsm")
     schedule = SlimSchedule(positions, keep, reducer)
-    depth = int(job.model.kwargs.get("depth", 0)) or len(job.model.build_teacher().blocks)
-    schedule.validate_for(depth, num_patches_of(job))
+    schedule.validate_for(depth_of(job), num_patches_of(job))
     job.model = job.model.with_schedule(schedule)
     job.loss = dataclasses.replace(job.loss, lambda_token=float(point["lambda_token"]),
                                    lambda_logits=float(point["lambda_logits"]), tau=float(point["tau"]))
@@ -107,11 +111,32 @@ def num_patches_of(job: DistillJob) -> int:
     kw = job.model.kwargs
     if "img_size" in kw and "patch_size" in kw:
         return (int(kw["img_size"]) // int(kw["patch_size"])) ** 2
-    return job.model.build_teacher().patch_embed.num_patches
+    return _geometry_of(job)[1]
 
 
 def depth_of(job: DistillJob) -> int:
-    return int(job.model.kwargs.get("depth", 0)) or len(job.model.build_teacher().blocks)
+    return int(job.model.kwargs.get("depth", 0)) or _geometry_of(job)[0]
+
+
+def _geometry_of(job: DistillJob) -> tuple[int, int]:
+    """(depth, num_patches) of the job's backbone, from a meta-device build: no weights are
+    allocated or initialised (a real DeiT-S build took ~8 s on 2 cores, twice per apply_point)."""
+    try:
+        key = json.dumps(job.model.kwargs, sort_keys=True)
+    except TypeError:  # kwargs that JSON cannot hold: not cached
+        return _meta_geometry(job.model.backbone, dict(job.model.kwargs))
+    return _cached_geometry(job.model.backbone, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_geometry(backbone: str, kwargs_json: str) -> tuple[int, int]:
+    return _meta_geometry(backbone, json.loads(kwargs_json))
+
+
+def _meta_geometry(backbone: str, kwargs: dict) -> tuple[int, int]:
+    with torch.device("meta"):
+        model = ModelSpec(backbone, kwargs).build_teacher(pretrained=False)
+    return len(model.blocks), int(model.patch_embed.num_patches)
 
 
 def fit_to_grid(value: float, low: float, step: float) -> float:

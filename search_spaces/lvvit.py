@@ -26,5 +26,5 @@ def warm_starts(job: DistillJob, reducers=("tsm",)) -> list[dict]:
         seen.add(row.tsm_after)
         for reducer in reducers:
             points.append(point_from(SlimSchedule(row.tsm_after, row.keep_ratio, reducer), lr=job.train.lr,
-                                     with_reducer=len(reducers) > 1))
+                                     with_reducer=True))
     return points

@@ -28,7 +28,7 @@ def warm_starts(job: DistillJob, reducers=("tsm",)) -> list[dict]:
         positions = tuple(sorted(set(max(1, min(p, d - 1)) for p in positions)))
         keep = fit_to_grid(max(keep, low), low, BOUNDS.keep_step)
         for reducer in reducers:
-            points.append(point_from(SlimSchedule(positions, keep, reducer), lr=lr, with_reducer=len(reducers) > 1))
+            points.append(point_from(SlimSchedule(positions, keep, reducer), lr=lr, with_reducer=True))
     return points
 
 

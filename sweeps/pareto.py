@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -127,6 +128,12 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--concurrent {args.concurrent} must be >= 1")
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be >= 1")
+    if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
+        raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
+    if args.max_latency_ms is not None and not args.max_latency_ms > 0:
+        raise ValueError(f"--max-latency-ms {args.max_latency_ms} must be > 0")
+    if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
+        raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
     reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
     bad = [r for r in reducers if r not in ("tsm", "drop", "merge")]
     if bad or not reducers:
@@ -134,9 +141,17 @@ def make_plan(args) -> Plan:
     if args.export != "front" and args.export != "knee" and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
     if args.export.startswith("budget:"):
-        float(args.export.split(":", 1)[1])
+        try:
+            budget = float(args.export.split(":", 1)[1])
+        except ValueError:
+            budget = float("nan")
+        if not budget > 0:
+            raise ValueError(f"--export {args.export!r}: the budget must be a latency in ms > 0, e.g. budget:12.5")
     out = os.path.abspath(args.out)
     name = args.name or f"pareto-{args.preset}{'-smoke' if args.smoke_test else ''}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        # it names a directory, a Tune experiment and an MLflow tag matched in filters (no quotes)
+        raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     sweep_dir = Path(out, "ray", name)
     if args.resume and not sweep_dir.exists():
         raise ValueError(f"nothing to resume: no sweep {name!r} in {out}")

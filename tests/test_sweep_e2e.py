@@ -1,0 +1,473 @@
+"""End to end: `python sweeps/pareto.py --smoke-test` as a user runs it (a subprocess, so Ray is
+isolated), then its MLflow store, Pareto table and cards; resuming a killed sweep; infeasible
+trials; a sweep over a simulated 2-node cluster.
+
+Every sweep runs with its own TMPDIR/RAY_TMPDIR (a private Ray temp dir: it never joins a cluster
+someone else started on this machine, and nobody joins ours) and its own NodeLock directory; Ray
+processes left behind by a killed driver are found by that private directory and killed by pid.
+All sweeps of the module share one teacher cache, so the teacher is trained once.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PARETO = str(ROOT / "sweeps" / "pareto.py")
+EXPORT = str(ROOT / "sweeps" / "export.py")
+EXPERIMENT = "sit-pareto"
+SWEEP = "pareto-fmnist-cpu-smoke"
+SWEEP_TIMEOUT = 900          # a hang (placement deadlock) fails the test instead of blocking CI
+
+
+# ---------------------------------------------------------------- process plumbing
+
+@pytest.fixture(scope="module")
+def private_tmp():
+    """A short private temp dir (Ray's unix socket paths must stay under ~107 characters)."""
+    path = tempfile.mkdtemp(prefix="sit-e2e-", dir="/tmp")
+    try:
+        yield path
+    finally:
+        kill_processes_using(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("teacher_cache").resolve())
+
+
+def sweep_env(private_tmp: str) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "TMPDIR": private_tmp, "RAY_TMPDIR": private_tmp,
+           "SIT_NODE_LOCK_DIR": os.path.join(private_tmp, "locks"), "PYTHONUNBUFFERED": "1"}
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(key, None)
+    os.makedirs(env["SIT_NODE_LOCK_DIR"], exist_ok=True)
+    return env
+
+
+def pids_using(marker: str) -> list[int]:
+    """Processes of ours whose command line or environment names `marker` (our private temp dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in blob:
+            found.append(int(proc.name))
+    return found
+
+
+def kill_processes_using(marker: str, timeout: float = 20) -> None:
+    for pid in pids_using(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + timeout
+    while pids_using(marker) and time.time() < deadline:
+        time.sleep(0.5)
+
+
+def run_pareto(args: list[str], env: dict, log: Path, timeout: float = SWEEP_TIMEOUT) -> subprocess.CompletedProcess:
+    """Run pareto.py to completion in its own session; on timeout kill the whole group."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, PARETO, *args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"pareto.py {' '.join(args)} did not finish in {timeout}s; log {log}:\n"
+                        + log.read_text()[-4000:])
+    return subprocess.CompletedProcess(proc.args, rc, log.read_text(), "")
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-6000:]}"
+
+
+# ---------------------------------------------------------------- reading a sweep back
+
+def client(out) -> "MlflowClient":
+    from mlflow import MlflowClient
+    return MlflowClient(f"sqlite:///{Path(out).resolve()}/mlflow.db")
+
+
+def all_runs(out) -> list:
+    c = client(out)
+    exp = c.get_experiment_by_name(EXPERIMENT)
+    return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def parent_and_children(out):
+    runs = all_runs(out)
+    parents = [r for r in runs if r.data.tags.get("sit.role") == "sweep"]
+    assert len(parents) == 1, [r.info.run_id for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    strays = {r.info.run_id for r in runs} - {parent.info.run_id} - {r.info.run_id for r in children}
+    assert not strays, f"runs outside the sweep's tree: {strays}"
+    return parent, children
+
+
+def finished_children(out) -> list:
+    if not Path(out, "sweep.json").exists():  # written once the sweep created its MLflow store: never
+        return []                             # race the driver's schema migrations on a new database
+    try:
+        return [r for r in all_runs(out)
+                if r.data.tags.get("sit.role") == "trial" and r.info.status == "FINISHED"]
+    except Exception:  # noqa: BLE001  (the database may be mid-creation)
+        return []
+
+
+def pareto_table(out) -> pd.DataFrame:
+    return pd.read_csv(Path(out, "pareto.csv"), dtype={"trial_id": str})
+
+
+def train_run_dirs(out) -> list[str]:
+    return sorted(Path(p).name for p in glob.glob(os.path.join(out, "ray", "trial-*")))
+
+
+def tune_trial_status(out) -> dict:
+    """trial id -> status from Tune's experiment state (what a resume reads)."""
+    states = sorted(glob.glob(os.path.join(out, "ray", SWEEP, "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        data = json.loads(Path(states[-1]).read_text())
+    except (OSError, ValueError):
+        return {}
+    status = {}
+    for entry in data.get("trial_data", []):
+        text = entry[0] if isinstance(entry, list) else entry
+        trial = json.loads(text)
+        status[trial["trial_id"]] = trial.get("status")
+    return status
+
+
+def hv_final(out) -> float:
+    return float(pd.read_csv(Path(out, "hypervolume_history.csv"))["hypervolume"].iloc[-1])
+
+
+def files_under(path) -> dict:
+    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in Path(path).rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------- the smoke sweep
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, private_tmp, cache_dir):
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    t0 = time.time()
+    result = run_pareto(["--smoke-test", "--out", str(out), "--cache-dir", cache_dir], sweep_env(private_tmp),
+                        out.parent / "pareto.log")
+    print(f"smoke sweep: {time.time() - t0:.0f}s")
+    kill_processes_using(private_tmp)
+    return out, result
+
+
+def test_smoke_sweep_runs_and_reports(smoke):
+    out, result = smoke
+    assert_ok(result)
+    text = result.stdout
+    for expected in ("Trials (Pareto-optimal marked):", "Pareto front:", "hypervolume", "Optuna's best_trials agree: True",
+                     "cards (", "mlflow ui --backend-store-uri", "sweep finished"):
+        assert expected in text, expected
+    # the driver raised nothing (Ray's actors may log their own transient retries, prefixed "(Actor pid=...)")
+    assert not re.search(r"^Traceback", text, re.M), text[-4000:]
+    for name in ("pareto.csv", "pareto.png", "hypervolume_history.csv", "sweep.json", "mlflow.db"):
+        assert Path(out, name).is_file(), name
+    assert Path(out, "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pareto_table(out)
+    assert len(table) == 3 and table["trial_id"].is_unique
+    assert (table["status"] == "ok").all(), table[["trial_id", "status", "failure"]]
+    assert table["pareto"].any() and table.loc[table["pareto"], "feasible"].all()
+    assert table["latency_ms"].gt(0).all() and table["top1"].between(0, 100).all()
+    # the first trials are the warm starts: SiT's DeiT-style schedule at this depth (1,2,3) @ 0.7 and @ 0.5
+    assert table.sort_values("trial_number")["schedule"].tolist()[:2] == ["tsm:1,2,3@0.7,0.7,0.7",
+                                                                          "tsm:1,2,3@0.5,0.5,0.5"]
+    hv = pd.read_csv(Path(out, "hypervolume_history.csv"))
+    # >= 0 only: the reference is the teacher's latency, and on a loaded 2-core machine a student can
+    # measure slower than its teacher (then its volume is 0)
+    assert len(hv) == 3 and hv["hypervolume"].is_monotonic_increasing and hv["hypervolume"].iloc[-1] >= 0
+    assert hv["n_pareto"].iloc[-1] == table["pareto"].sum()
+    assert train_run_dirs(out) == sorted(f"trial-{t}" for t in table["trial_id"])
+
+
+def test_smoke_mlflow_parent_and_children(smoke):
+    from sweeps import tracking
+
+    out, result = smoke
+    assert_ok(result)
+    parent, children = parent_and_children(out)
+    table = pareto_table(out)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sit.sweep_id"] == SWEEP
+    assert parent.data.metrics["n_trials"] == 3 and parent.data.metrics["n_failed"] == 0
+    assert parent.data.metrics["n_pareto"] == int(table["pareto"].sum())
+    assert parent.data.metrics["hypervolume"] == pytest.approx(hv_final(out))
+    params = parent.data.params
+    assert (params["objectives.top1"], params["objectives.latency_ms"]) == ("max", "min")
+    assert params["preset"] == "fmnist-cpu" and params["trials"] == "3" and params["sampler"] == "tpe"
+    artifacts = {a.path for a in client(out).list_artifacts(parent.info.run_id)}
+    assert {"pareto.csv", "pareto.png", tracking.HV_HISTORY_FILE} <= artifacts, artifacts
+
+    # exactly one child per trial, nested under the parent
+    assert len(children) == len(table) == 3
+    by_trial = {r.data.tags["sit.trial_id"]: r for r in children}
+    assert set(by_trial) == set(table["trial_id"])
+    # the same through the package's own reader
+    exp_id = tracking.ensure_experiment(f"sqlite:///{out}/mlflow.db", EXPERIMENT)
+    tt = tracking.trial_table(f"sqlite:///{out}/mlflow.db", exp_id, parent.info.run_id)
+    assert sorted(tt["tags.sit.trial_id"]) == sorted(table["trial_id"])
+
+    c = client(out)
+    for _, row in table.iterrows():
+        run = by_trial[row["trial_id"]]
+        assert run.info.run_id == row["mlflow_run_id"]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["sit.pareto"] == ("true" if row["pareto"] else "false")
+        assert run.data.tags["sit.feasible"] == "true"
+        assert Path(run.data.tags["sit.weights"]).is_file()
+        # params: the sampled point, the schedule and the speed protocol
+        p = run.data.params
+        assert p["schedule"] == row["schedule"] and p["reducer"] == "tsm"
+        assert {"point.n_stages", "point.pos_1", "point.keep_1", "point.lr", "point.reducer"} <= set(p)
+        assert any(k.startswith("speed.") for k in p)
+        # metrics: one point per epoch (smoke: 1 epoch, step 1), the finals, the speed record
+        history = c.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1]
+        assert len(c.get_metric_history(run.info.run_id, "val_top1")) == 1
+        m = run.data.metrics
+        assert m["top1"] == pytest.approx(row["top1"]) and m["latency_ms"] == pytest.approx(row["latency_ms"])
+        assert {"gmacs", "params_m", "test_top1", "speedup", "wall_s"} <= set(m)
+    pareto_runs = {r.info.run_id for r in children if r.data.tags["sit.pareto"] == "true"}
+    assert pareto_runs == set(table.loc[table["pareto"], "mlflow_run_id"])
+
+
+def test_smoke_cards_rebuild_the_trained_students(smoke):
+    from sit_core.card import card_model_spec, load_card, read_card
+
+    out, result = smoke
+    assert_ok(result)
+    table = pareto_table(out)
+    front = table[table["pareto"]]
+    cards = sorted(Path(out, "cards").glob("*.yaml"))
+    assert sorted(c.stem for c in cards) == sorted(f"tsm-{t}" for t in front["trial_id"])
+    _, children = parent_and_children(out)
+    by_run = {r.info.run_id: r for r in children}
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 32, 32)
+    for card in cards:
+        meta = read_card(card)
+        run = by_run[meta["mlflow"]["run_id"]]
+        row = front[front["mlflow_run_id"] == run.info.run_id].iloc[0]
+        assert meta["metrics"]["top1"] == pytest.approx(row["top1"])
+        assert meta["metrics"]["latency_ms"] == pytest.approx(row["latency_ms"])
+        assert meta["model"]["schedule"]["positions"] == [int(p) for p in re.findall(r"\d+", row["schedule"].split("@")[0])]
+        loaded = load_card(card)
+        rebuilt = card_model_spec(card).build(pretrained=False)
+        rebuilt.load_state_dict(torch.load(run.data.tags["sit.weights"], map_location="cpu", weights_only=True),
+                                strict=True)
+        rebuilt.eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(x), rebuilt(x)), card
+
+
+def test_export_knee_from_a_finished_sweep(smoke, tmp_path, private_tmp):
+    out, result = smoke
+    assert_ok(result)
+    before_runs = {(r.info.run_id, r.info.status) for r in all_runs(out)}
+    before_ray = files_under(Path(out, "ray"))
+    cards_dir = tmp_path / "knee"
+    t0 = time.time()
+    r = subprocess.run([sys.executable, EXPORT, "--out", str(out), "--pick", "knee", "--cards-dir", str(cards_dir)],
+                       cwd=tmp_path, env=sweep_env(private_tmp), capture_output=True, text=True, timeout=300)
+    seconds = time.time() - t0
+    assert r.returncode == 0, r.stderr
+    cards = sorted(cards_dir.glob("*.yaml"))
+    assert len(cards) == 1 and r.stdout.strip().splitlines() == [str(cards[0])]
+    table = pareto_table(out)
+    assert cards[0].stem in {f"tsm-{t}" for t in table.loc[table["pareto"], "trial_id"]}
+    # nothing re-ran: no new or changed run, no new file under the Ray results, no Ray process
+    assert {(x.info.run_id, x.info.status) for x in all_runs(out)} == before_runs
+    assert files_under(Path(out, "ray")) == before_ray
+    assert "Started a local Ray instance" not in r.stdout + r.stderr
+    assert seconds < 120
+    # the default pick exports the front again, into the sweep's cards directory (same names)
+    r = subprocess.run([sys.executable, EXPORT, "--out", str(out)], cwd=tmp_path, env=sweep_env(private_tmp),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == int(table["pareto"].sum())
+
+
+# ---------------------------------------------------------------- kill, then --resume (all trials infeasible)
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory, private_tmp, cache_dir):
+    """`--trials 3 --concurrent 1 --max-latency-ms 1e-6`: SIGKILL the driver's process group once one
+    trial is finished (MLflow child FINISHED and Tune's state TERMINATED), then `--resume`."""
+    out = tmp_path_factory.mktemp("resume") / "out"
+    args = ["--smoke-test", "--out", str(out), "--cache-dir", cache_dir, "--trials", "3", "--concurrent", "1",
+            "--max-latency-ms", "1e-6"]
+    env = sweep_env(private_tmp)
+    log = out.parent / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, PARETO, *args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + SWEEP_TIMEOUT
+        done = []
+        while time.time() < deadline and proc.poll() is None:
+            done = finished_children(out)
+            if done and tune_trial_status(out).get(done[0].data.tags["sit.trial_id"]) == "TERMINATED":
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be killed:\n" + log.read_text()[-4000:]
+        assert done, "no trial finished in time:\n" + log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        kill_processes_using(private_tmp)   # raylet, GCS, workers of the killed driver
+    assert not pids_using(private_tmp)
+    before = {
+        "children": {r.data.tags["sit.trial_id"]: r for r in finished_children(out)},
+        "train_dirs": train_run_dirs(out),
+        "files": {t: files_under(Path(out, "ray", f"trial-{t}"))
+                  for t in (r.data.tags["sit.trial_id"] for r in finished_children(out))},
+        "tune": tune_trial_status(out),
+    }
+    t0 = time.time()
+    resumed = run_pareto(args + ["--resume"], env, out.parent / "resumed.log")
+    print(f"resumed sweep: {time.time() - t0:.0f}s")
+    kill_processes_using(private_tmp)
+    return out, before, resumed
+
+
+def test_resume_repeats_no_finished_trial(killed_then_resumed):
+    out, before, resumed = killed_then_resumed
+    assert_ok(resumed)
+    assert "resuming" in resumed.stdout
+    assert before["children"], "the kill came after a finished trial"
+    table = pareto_table(out)
+    assert len(table) == 3 and table["trial_id"].is_unique
+    assert (table["status"] == "ok").all(), table[["trial_id", "status", "failure"]]
+    parent, children = parent_and_children(out)
+    ids = [r.data.tags["sit.trial_id"] for r in children]
+    assert len(children) == 3 and sorted(set(ids)) == sorted(ids) == sorted(table["trial_id"])
+    assert parent.info.status == "FINISHED"
+    by_trial = {r.data.tags["sit.trial_id"]: r for r in children}
+    for trial_id, old in before["children"].items():
+        new = by_trial[trial_id]
+        assert new.info.run_id == old.info.run_id
+        assert new.info.status == old.info.status == "FINISHED"
+        assert new.info.end_time == old.info.end_time, "the finished child was logged again"
+        assert new.data.metrics == old.data.metrics and new.data.params == old.data.params
+        # its Ray Train run was not run again: no new checkpoint, no rewritten file
+        assert files_under(Path(out, "ray", f"trial-{trial_id}")) == before["files"][trial_id]
+        assert before["tune"][trial_id] == "TERMINATED"
+    assert train_run_dirs(out) == sorted(f"trial-{t}" for t in table["trial_id"])
+    assert set(before["train_dirs"]) <= set(train_run_dirs(out))
+    # Optuna's study holds each trial once
+    import optuna
+    study = optuna.load_study(study_name=SWEEP, storage=f"sqlite:///{out}/optuna.db")
+    tagged = [t.user_attrs.get("tune_trial_id") for t in study.trials if t.state.is_finished()]
+    assert sorted(tagged) == sorted(table["trial_id"])
+
+
+def test_infeasible_trials_are_never_on_the_front(killed_then_resumed):
+    """--max-latency-ms 1e-6: every trial is infeasible; the sweep still ends cleanly with no front."""
+    out, _, resumed = killed_then_resumed
+    assert_ok(resumed)
+    table = pareto_table(out)
+    assert not table["feasible"].any()
+    assert not table["pareto"].any()
+    assert "Pareto front: 0 of 3 trials" in resumed.stdout
+    assert not list(Path(out).glob("cards/*.yaml")), "no card for an infeasible trial"
+    parent, children = parent_and_children(out)
+    assert all(r.data.tags["sit.pareto"] == "false" and r.data.tags["sit.feasible"] == "false" for r in children)
+    assert parent.data.metrics["n_pareto"] == 0 and parent.data.metrics["hypervolume"] == 0
+    import optuna
+    study = optuna.load_study(study_name=SWEEP, storage=f"sqlite:///{out}/optuna.db")
+    assert study.best_trials == []
+    assert all(t.constraints["latency_budget"] > 0 for t in study.trials if t.state.is_finished())
+    # exporting the front of such a sweep is a clear error, not a traceback
+    r = subprocess.run([sys.executable, EXPORT, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no feasible finished trial" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- two nodes
+
+CLUSTER_SCRIPT = """
+import signal, sys, time
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+def stop(*_):
+    cluster.shutdown()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.fixture(scope="module")
+def two_node_sweep(tmp_path_factory, cache_dir):
+    """A 2-node Ray cluster on this machine (1 CPU each) in a process of its own, then a sweep joining it."""
+    tmp = tempfile.mkdtemp(prefix="sit-2n-", dir="/tmp")
+    env = sweep_env(tmp)
+    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], env=env, stdout=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert re.fullmatch(r"[\d.]+:\d+", address), f"cluster did not start: {address!r}"
+        out = tmp_path_factory.mktemp("two_nodes") / "out"
+        result = run_pareto(["--smoke-test", "--out", str(out), "--cache-dir", cache_dir, "--address", address,
+                             "--concurrent", "2", "--trials", "2"], env, out.parent / "pareto.log")
+        yield out, result
+    finally:
+        cluster.send_signal(signal.SIGTERM)
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(cluster.pid, signal.SIGKILL)
+            cluster.wait()
+        kill_processes_using(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_two_node_sweep_spreads_trials_over_both_nodes(two_node_sweep):
+    out, result = two_node_sweep
+    assert_ok(result)
+    assert "joined Ray cluster" in result.stdout and "2 node(s), 2 CPU" in result.stdout
+    table = pareto_table(out)
+    assert len(table) == 2 and (table["status"] == "ok").all()
+    _, children = parent_and_children(out)
+    nodes = [r.data.tags["sit.worker_nodes"] for r in children]
+    assert all(nodes) and len(set(nodes)) == 2, nodes
