@@ -87,7 +87,10 @@ def main(argv=None) -> int:
     except (ValueError, DataError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")  # before anything is written or Ray starts
     from sweeps.sweep import run_sweep
-    return run_sweep(plan)
+    try:
+        return run_sweep(plan)
+    except ValueError as e:  # what only the running cluster can tell (e.g. trials that cannot fit)
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 @dataclasses.dataclass

@@ -29,9 +29,9 @@ EXPERIMENT = "sit-pareto"
 def run_sweep(plan) -> int:
     t0 = time.time()
     job = plan.job
-    os.makedirs(plan.out, exist_ok=True)
     print(init_ray(plan.address))
     concurrent, workers = _fit_to_cluster(plan)
+    os.makedirs(plan.out, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
     print(f"sweep {plan.name}: {plan.trials} trials, {concurrent} at a time, {workers.num_workers} worker(s) each "
           f"({'GPU' if workers.use_gpu else f'{workers.cpus_per_worker:g} CPU'}), sampler {plan.sampler}, "
           f"objectives {plan.objectives}")

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import ray.train
 import ray.train.torch
@@ -58,7 +58,7 @@ def train_func(config: dict) -> None:
     amp_dtype = _amp_dtype(device, recipe.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     criterion = FRDLoss(job.loss.lambda_token, job.loss.lambda_logits, job.loss.tau)
-    lock = NodeLock() if config.get("probe_lock", True) else None
+    guard = ProbeGuard(NodeLock() if config.get("probe_lock", True) else None, ctx.get_local_rank(), world)
 
     start_epoch = _restore(ray.train.get_checkpoint(), net, optimizer, scheduler, scaler)
     if rank == 0:
@@ -68,14 +68,16 @@ def train_func(config: dict) -> None:
         if hasattr(train_loader, "sampler") and hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         stats = _train_epoch(model, net, mode, train_loader, steps_per_epoch, optimizer, scheduler, scaler,
-                             criterion, recipe, device, amp_dtype, lock, world)
+                             criterion, recipe, device, amp_dtype, guard, world)
         inference_model = net.student if mode == "distill" else net
         t_eval = time.perf_counter()
-        metrics = {"epoch": epoch + 1, "mode": mode, "resumed_from_epoch": start_epoch, **stats,
-                   "val_top1": _top1(inference_model, val_shard, device, amp_dtype, world)}
         last = epoch + 1 == recipe.epochs or stats["status"] != "ok"
+        with guard():
+            metrics = {"epoch": epoch + 1, "mode": mode, "resumed_from_epoch": start_epoch, **stats,
+                       "val_top1": _top1(inference_model, val_shard, device, amp_dtype, world)}
+            if last:
+                metrics["test_top1"] = _top1(inference_model, test_shard, device, amp_dtype, world)
         if last:
-            metrics["test_top1"] = _top1(inference_model, test_shard, device, amp_dtype, world)
             metrics.update(_replica_report(inference_model, ctx))
         metrics["eval_s"] = time.perf_counter() - t_eval
         if rank == 0:
@@ -84,6 +86,28 @@ def train_func(config: dict) -> None:
         _report(metrics, net, inference_model, optimizer, scheduler, scaler, epoch + 1, rank)
         if stats["status"] != "ok":
             return
+
+
+class ProbeGuard:
+    """Keeps a node's speed probes and this run's compute apart, without deadlocking DDP.
+
+    Only each node's local rank 0 takes the node lock (shared); a barrier then holds every rank
+    until all of them hold what they need, so no rank ever waits on a lock while a peer waits on
+    it inside a collective. A waiting probe therefore pauses the whole replica group between steps.
+    """
+
+    def __init__(self, lock: NodeLock | None, local_rank: int, world: int):
+        self.lock, self.local_rank, self.world = lock, local_rank, world
+
+    @contextmanager
+    def __call__(self):
+        if self.lock is None:
+            yield
+            return
+        with self.lock.shared() if self.local_rank == 0 else nullcontext():
+            if self.world > 1:
+                dist.barrier()
+            yield
 
 
 def _match_threads_to_reserved_cpus() -> None:
@@ -136,7 +160,7 @@ def _amp_dtype(device: torch.device, amp: bool):
 
 
 def _train_epoch(model, net, mode, loader, steps, optimizer, scheduler, scaler, criterion, recipe,
-                 device, amp_dtype, lock, world):
+                 device, amp_dtype, guard, world):
     model.train()
     sums = {"loss": 0.0, "loss_cls": 0.0, "loss_token": 0.0, "loss_logits": 0.0}
     seen, step, t0 = 0, 0, time.perf_counter()
@@ -144,7 +168,7 @@ def _train_epoch(model, net, mode, loader, steps, optimizer, scheduler, scaler, 
     for step, (x, y) in enumerate(loader, start=1):
         if step > steps:
             break
-        with lock.shared() if lock else nullcontext():
+        with guard():
             with autocast:
                 if mode == "distill":
                     total, parts = criterion(*model(x), y)
