@@ -1,6 +1,6 @@
 """Benchmark: the Optuna multi-objective sampler vs random search, same budget, same seeds.
 
-    python sweeps/compare_samplers.py                    # 2 sweeps of 10 trials on the fmnist-cpu preset
+    python sweeps/compare_samplers.py                    # 2 sweeps of 8 trials on the fmnist-cpu preset
     python sweeps/compare_samplers.py --trials 16 --samplers tpe,nsga2,random
 
 Runs `sweeps/pareto.py` once per sampler (same preset, trials, seed, warm start), then computes
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samplers", default="tpe,random")
-    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--trials", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare_samplers")
     p.add_argument("--skip-run", action="store_true", help="only re-read the finished sweeps under --out")
