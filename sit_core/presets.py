@@ -21,7 +21,7 @@ PRESETS: dict[str, DistillJob] = {
         name="fmnist-cpu",
         model=ModelSpec("vit_tiny_patch16_224", FMNIST_VIT, SlimSchedule((2, 4), 0.6)),
         loss=LossWeights(),
-        # A sweep trial's budget: 2 x 20 steps of 128 (5k images), so the default sweep of 8 trials
+        # A sweep trial's budget: 2 x 20 steps of 128 (5k images), so the default sweep of 6 trials
         # fits in 10 minutes on 2 cores; compare_reducers.py --max-steps 40 gives students more.
         train=TrainSpec(epochs=2, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, max_steps_per_epoch=20),
         data=DataSpec(kind="fashion_mnist", img_size=32, in_chans=1, train_subset=8192, val_subset=2048),

@@ -34,7 +34,7 @@ from sit_core.data import DataError
 
 from sweeps.distill import add_job_arguments, job_from_args, validate_job
 
-DEFAULT_TRIALS = 8            # the embedded default: a front of several points in <= 10 min on 2 cores
+DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
 TRIAL_CPU = 0.1               # the Tune trial process itself mostly waits on its TorchTrainer
 EXPERIMENT = "sit-pareto"
