@@ -26,7 +26,9 @@ PRESETS: dict[str, DistillJob] = {
         train=TrainSpec(epochs=2, batch_size=128, lr=1e-3, min_lr=1e-5, weight_decay=0.05, max_steps_per_epoch=20),
         data=DataSpec(kind="fashion_mnist", img_size=32, in_chans=1, train_subset=8192, val_subset=2048),
         teacher_train=TrainSpec(epochs=4, batch_size=128, lr=2e-3, min_lr=1e-5, warmup_steps=100),
-        speed=SpeedSpec(batch_size=64, warmup=5, iters=30),
+        # One probe thread: on a 2-core node, Ray's own background work (a neighbour trial's worker
+        # start-up, logging) stalls a 2-thread OpenMP barrier and made p50s swing by 3x.
+        speed=SpeedSpec(batch_size=64, warmup=5, iters=30, threads=1),
     ),
 }
 
