@@ -14,7 +14,7 @@ import functools
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+
 
 import torch
 

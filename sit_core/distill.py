@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import timm
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from .patch import model_geometry, tokens_per_block
@@ -81,19 +82,14 @@ class FRDDistiller(nn.Module):
         return FRDOutput(student_logits, student_tokens, teacher_logits, teacher_tokens)
 
     def param_groups(self, lr: float, weight_decay: float, rtsm_lr_mult: float = 5.0) -> list[dict]:
-        """AdamW groups: backbone + TSM at `lr`, RTSMs at `lr * rtsm_lr_mult`; no decay on norms/biases."""
+        """AdamW groups (timm's weight-decay split): student + TSM at `lr`, RTSMs at `lr * rtsm_lr_mult`."""
+        skip = set(getattr(self.student, "no_weight_decay", set)())  # pos_embed, cls_token...
         groups = []
-        for name, module, mult in (("student", self.student, 1.0), ("rtsm", self.rtsm, rtsm_lr_mult)):
-            decay, no_decay = [], []
-            for pname, param in module.named_parameters():
-                if not param.requires_grad:
-                    continue
-                (no_decay if param.ndim <= 1 or pname.endswith(".bias") else decay).append(param)
-            groups += [
-                {"name": f"{name}_decay", "params": decay, "lr": lr * mult, "weight_decay": weight_decay},
-                {"name": f"{name}_no_decay", "params": no_decay, "lr": lr * mult, "weight_decay": 0.0},
-            ]
-        return [g for g in groups if g["params"]]
+        for name, module, mult, no_wd in (("student", self.student, 1.0, skip), ("rtsm", self.rtsm, rtsm_lr_mult, ())):
+            for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_wd):
+                groups.append({**group, "name": f"{name}_{'decay' if group['weight_decay'] else 'no_decay'}",
+                               "lr": lr * mult})
+        return groups
 
 
 @dataclass(frozen=True)

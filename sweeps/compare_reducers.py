@@ -11,7 +11,6 @@ MACs, and the measured speed-up next to the FLOPs-predicted one. A benchmark, no
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -22,6 +21,7 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
+from sweeps.cli import doc_parser
 from sit_core.presets import PRESETS, get_preset
 from sit_core.schedule import SlimSchedule
 
@@ -30,8 +30,7 @@ SCHEDULES = {"mild": "2,4@0.5", "aggressive": "1,2,3@0.35"}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     p.add_argument("--preset", default="fmnist-cpu", choices=sorted(PRESETS))
     p.add_argument("--epochs", type=int, help="distillation epochs (default: the preset's)")
     p.add_argument("--reducers", default="tsm,drop,merge")

@@ -10,7 +10,6 @@ a trial's wall time spent outside training, evaluation and speed measurement. A 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sweeps.cli import doc_parser
 import pandas as pd
 
 from sweeps import pareto_front
@@ -26,8 +26,7 @@ OBJECTIVES = {"top1": "max", "latency_ms": "min"}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     p.add_argument("--samplers", default="tpe,random")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

@@ -20,11 +20,12 @@ import time
 if __package__ in (None, ""):  # `python sweeps/distill.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sweeps.cli import doc_parser
 from sit_core.config import DistillJob
 from sit_core.data import DataError, check_data
 from sit_core.loss import FRDLoss
 from sit_core.presets import PRESETS, get_preset, smoke
-from sit_core.schedule import SlimSchedule, as_schedule
+from sit_core.schedule import as_schedule
 
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,8 +77,7 @@ def validate_job(job: DistillJob) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     add_job_arguments(p)
     p.add_argument("--schedule", help="slimming schedule 'POSITIONS@KEEP', e.g. 2,4@0.5 or 2,4@0.7,0.5; "
                                       "prefix 'drop:' or 'merge:' for the peers")

@@ -9,7 +9,6 @@ the MLflow run id and the weights; `sit_core.load_card(path)` rebuilds the model
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
+from sweeps.cli import doc_parser
 from sit_core.card import write_card
 from sit_core.config import DistillJob
 from sweeps import pareto_front, tracking
@@ -79,8 +79,7 @@ def export_cards(table: pd.DataFrame, rows: pd.DataFrame, cards_dir: str) -> lis
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     p.add_argument("--out", default="runs/pareto", help="the sweep's --out directory (default: %(default)s)")
     p.add_argument("--name", default=None, help="sweep name (default: the only/latest sweep recorded in --out)")
     p.add_argument("--tracking-uri", help="MLflow store (default: sqlite database in --out, or MLFLOW_TRACKING_URI)")

@@ -20,24 +20,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sweeps.cli import doc_parser
 from sit_core.data import DataError
 
 from sweeps.distill import add_job_arguments, job_from_args, validate_job
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
-TRIAL_CPU = 0.1               # the Tune trial process itself mostly waits on its TorchTrainer
-EXPERIMENT = "sit-pareto"
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
 
 
@@ -57,8 +54,7 @@ def parse_objectives(text: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = doc_parser(__doc__)
     add_job_arguments(p)
     p.set_defaults(out="runs/pareto")
     p.add_argument("--trials", type=int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")

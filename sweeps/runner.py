@@ -2,7 +2,6 @@
 run one distillation on a `TorchTrainer`, read its outcome back."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil

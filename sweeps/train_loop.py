@@ -18,6 +18,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader, Subset
 
 from sit_core.config import DistillJob
@@ -136,9 +137,7 @@ def _teacher_state(teacher):
 def _param_groups(net, recipe):
     if isinstance(net, FRDDistiller):
         return net.param_groups(recipe.lr, recipe.weight_decay, recipe.rtsm_lr_mult)
-    decay = [p for n, p in net.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in net.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
-    return [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return param_groups_weight_decay(net, recipe.weight_decay, no_weight_decay_list=net.no_weight_decay())
 
 
 def _cosine(total_steps: int, recipe):

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
