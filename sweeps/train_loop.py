@@ -52,10 +52,13 @@ def train_func(config: dict) -> None:
         log(f"[{config.get('mode', 'distill')}] {job.name}: {recipe.epochs} epoch(s) x {trainer.steps_per_epoch} steps "
             f"on {world} worker(s) ({device.type}), starting at epoch {start_epoch + 1}")
 
+    extend = config.get("extend_report") or (lambda m: m)  # a sweep trial adds its objectives
+
     def report(metrics: dict, last: bool) -> None:
         metrics["resumed_from_epoch"] = start_epoch
         if last:
             metrics.update(_replica_report(task.inference_model, world))
+        metrics = extend(metrics)
         if rank != 0:  # only rank 0 writes; every rank must still call report (it is a barrier)
             ray.train.report(metrics, checkpoint=None)
             return
