@@ -93,7 +93,7 @@ def _match_threads_to_reserved_cpus() -> float:
     """Fractional CPU reservations leave torch's default (all cores) in every worker: concurrent
     trials then oversubscribe the cores and crawl. One thread per reserved core, at least one."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(max(1, round(cpus)))  # 1.9 reserved of 2 cores: 2 threads
     return cpus
 
 
