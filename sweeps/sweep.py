@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import ray
+
 from ray import tune
 
 from search_spaces import SearchSpace, warm_starts
@@ -59,14 +59,7 @@ def run_sweep(plan) -> int:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label)
     grid = _tuner(plan, job, trainable, concurrent, logger).fit()
-
-    trials = {tid: {"number": i, "config": cfg, "error": None, "stopped": False, "wall_s": logger.wall_s(tid),
-                    "run_id": logger.run_id(tid)} for i, (tid, cfg) in enumerate(logger.configs.items())}
-    for r in grid:
-        tid = r.metrics.get("trial_id") if r.metrics else None
-        if tid in trials:
-            trials[tid].update(error=str(r.error) if r.error else None,
-                               checkpoint=r.checkpoint.path if r.checkpoint else None)
+    trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
     summary = summarise(plan, table, teacher_speed, session, parent)
     picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
@@ -77,6 +70,27 @@ def run_sweep(plan) -> int:
     print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}")
     print(f"sweep finished in {time.time() - t0:.0f}s")
     return 0
+
+
+def _trials(grid, children: pd.DataFrame) -> dict:
+    """Every trial of the sweep, from the two durable records: MLflow's child runs (number, run id,
+    point, wall time) and Tune's results (error, last checkpoint). A trial finished before a resume
+    is in both; this process's callback may never have seen it."""
+    trials = {}
+    for _, run in children.iterrows():
+        wall = (run["end_time"] - run["start_time"]).total_seconds() if run["status"] != "RUNNING" else None
+        trials[run["tags.sit.trial_id"]] = {
+            "number": int(run["tags.sit.trial_number"]), "config": json.loads(run["tags.sit.point"]),
+            "run_id": run["run_id"], "wall_s": wall, "error": None, "checkpoint": None,
+            "stopped": run.get("tags.sit.stopped_early") == "true"}
+    by_config = {json.dumps(t["config"], sort_keys=True): tid for tid, t in trials.items()}
+    for r in grid:
+        # a trial that failed before its first report has no metrics (no trial id): match its point
+        tid = (r.metrics or {}).get("trial_id") or by_config.get(json.dumps(r.config, sort_keys=True))
+        if tid in trials:
+            trials[tid].update(error=str(r.error) if r.error else None,
+                               checkpoint=r.checkpoint.path if r.checkpoint else None)
+    return trials
 
 
 def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tune.Tuner:
@@ -96,7 +110,9 @@ def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tun
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),
+                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  # the newest two: resume needs one, a kill while writing it leaves the other
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 

@@ -58,7 +58,8 @@ class TrialReport:
 
     def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int):
         self.latency, self.constraints = latency, constraints
-        self.static = {**latency, "schedule": schedule, "full_epochs": full_epochs}
+        self.static = {**latency, "schedule": schedule, "full_epochs": full_epochs,
+                       "trial_node": ray.get_runtime_context().get_node_id()}
         self.t_start, self.work_s = time.time(), float(latency.get("latency_s", 0.0))
 
     def __call__(self, metrics: dict) -> dict:

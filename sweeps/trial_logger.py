@@ -29,16 +29,20 @@ class TrialRunLogger(Callback):
         self.uri, self.experiment_id, self.parent = tracking_uri, experiment_id, parent_run_id
         self.name_of, self.stopped_early, self.step_key = name_of, stopped_early, step_key
         self.runs: dict[str, str] = {}
-        self.configs: dict[str, dict] = {}   # trial id -> point, in the order trials started
-        self.numbers: dict[str, int] = {}    # trial id -> its number in the sweep (0, 1, ...)
-        self.started: dict[str, float] = {}   # trial id -> wall clock at start (orchestration share)
-        self.ended: dict[str, float] = {}
+        self.numbers: Optional[dict[str, int]] = None  # trial id -> its number, loaded from MLflow on first use
+
+    def _known_numbers(self) -> dict[str, int]:
+        # Loaded lazily, not passed in: Tuner.restore brings back this object as pickled by the first run.
+        if self.numbers is None:
+            runs = tracking.trial_table(self.uri, self.experiment_id, self.parent)
+            self.numbers = ({} if runs.empty else
+                            {t: int(n) for t, n in zip(runs["tags.sit.trial_id"], runs["tags.sit.trial_number"])})
+        return self.numbers
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            self.configs.setdefault(trial.trial_id, dict(trial.config))
-            self.numbers.setdefault(trial.trial_id, len(self.numbers))
-            self.started.setdefault(trial.trial_id, time.time())
+            self._known_numbers()
+            self.numbers.setdefault(trial.trial_id, max(self.numbers.values(), default=-1) + 1)
             number = self.numbers[trial.trial_id]
             self.runs[trial.trial_id] = tracking.start_trial_run(
                 self.uri, self.experiment_id, self.parent, trial.trial_id, self.name_of(trial.config, number),
@@ -46,7 +50,6 @@ class TrialRunLogger(Callback):
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.started[trial.trial_id] = time.time()
         self._run(trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):  # retried after a worker failure
@@ -59,24 +62,17 @@ class TrialRunLogger(Callback):
         tracking.log_epoch(self.uri, self._run(trial), metrics, step=step, timestamp_ms=stamp)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = time.time()
         status = "KILLED" if self.stopped_early(trial.trial_id) else "FINISHED"
-        checkpoint = trial.checkpoint
+        checkpoint, last = trial.checkpoint, trial.last_result or {}
+        # the node(s) that trained it: the trial process, or the Train workers of a multi-worker trial
+        nodes = last.get("worker_nodes") or [last.get("trial_node")]
         tracking.end_trial_run(self.uri, self._run(trial), status,
                                tags={"sit.stopped_early": str(status == "KILLED").lower(),
+                                     "sit.nodes": ",".join(n for n in nodes if n),
                                      **({"sit.checkpoint": checkpoint.path} if checkpoint else {})})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = time.time()
         tracking.end_trial_run(self.uri, self._run(trial), "FAILED", failure=_error_text(trial))
-
-    def run_id(self, trial_id: str) -> Optional[str]:
-        return self.runs.get(trial_id)
-
-    def wall_s(self, trial_id: str) -> Optional[float]:
-        if trial_id in self.started and trial_id in self.ended:
-            return self.ended[trial_id] - self.started[trial_id]
-        return None
 
 
 def _error_text(trial) -> str:

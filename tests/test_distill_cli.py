@@ -16,10 +16,9 @@ SCRIPT = ROOT / "sweeps" / "distill.py"
 def run_cli(*args, tmp_path, timeout=90):
     """The script as a user runs it, from another directory, with our own output and cache dirs
     (so that a regression that lets bad input through cannot touch ./runs or the real cache)."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SIT_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-           *map(str, args)]
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path / "runs"), *map(str, args)]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -39,7 +38,7 @@ def assert_clean_usage_error(proc, *fragments):
     (["--schedule", "9,3@0.5"], ["(9, 3)", "increasing"]),
     (["--schedule", "2,4@1.5"], ["1.5", "(0, 1]"]),
     (["--data", "/nonexistent"], ["/nonexistent", "does not exist"]),
-    (["--workers", "0"], ["--workers 0", ">= 1"]),
+    (["--lambda-token", "-1"], ["lambda_token=-1.0", ">= 0"]),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_ray_starts(args, fragments, tmp_path):
     assert_clean_usage_error(run_cli(*args, tmp_path=tmp_path), *fragments)
@@ -55,12 +54,12 @@ def main_in_process(monkeypatch, tmp_path, capsys):
         raise AssertionError("Ray must not start for bad input")
 
     monkeypatch.setattr(runner, "init_ray", no_ray)
+    monkeypatch.setenv("SIT_CACHE_DIR", str(tmp_path / "cache"))
 
     def call(*args):
         capsys.readouterr()
         with pytest.raises(SystemExit) as exit_info:
-            distill.main(["--out", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
-                          *map(str, args)])
+            distill.main(["--out", str(tmp_path / "runs"), *map(str, args)])
         out, err = capsys.readouterr()
         return exit_info.value.code, out, err
 
@@ -71,13 +70,10 @@ def main_in_process(monkeypatch, tmp_path, capsys):
     (["--schedule", "2,4@0.5x"], ["2,4@0.5x"]),
     (["--schedule", "2,99@0.5"], ["99", "out of range"]),
     (["--reducer", "drop", "--schedule", "4,2@0.5"], ["(4, 2)"]),
-    (["--cpus-per-worker", "-1"], ["--cpus-per-worker"]),
     (["--max-failures", "-1"], ["--max-failures"]),
-    (["--epochs", "0"], ["epochs=0"]),
-    (["--batch-size", "0"], ["batch_size=0"]),
-    (["--train-subset", "0"], ["train_subset=0"]),
     (["--lambda-token", "-1"], ["lambda_token=-1.0"]),
-    (["--tau", "0"], ["tau"]),
+    (["--tau", "0"], ["tau=0.0 must be > 0"]),
+    (["--lr", "1e-9", "--schedule", "2,4@0.5"], ["min_lr=1e-05 must not exceed lr=1e-09"]),
     (["--teacher-checkpoint", "/nonexistent/teacher.pt"], ["/nonexistent/teacher.pt", "does not exist"]),
 ])
 def test_more_bad_input_in_process(main_in_process, args, fragments):
@@ -91,7 +87,12 @@ def test_more_bad_input_in_process(main_in_process, args, fragments):
 
 def test_argparse_errors_end_in_one_error_line(main_in_process):
     # argparse's own errors (unknown choice, not a number) print the usage block, then the error line.
-    for args, fragment in ((["--preset", "nope"], "invalid choice: 'nope'"), (["--workers", "two"], "'two'")):
+    for args, fragment in ((["--preset", "nope"], "invalid choice: 'nope'"), (["--workers", "two"], "'two'"),
+                           (["--workers", "0"], "0 must be >= 1"), (["--epochs", "0"], "0 must be >= 1"),
+                           (["--train-subset", "0"], "0 must be >= 1"),
+                           (["--lr", "nan"], "'nan' is not a finite number"),
+                           (["--tau", "inf"], "'inf' is not a finite number"),
+                           (["--cpus-per-worker=-inf"], "'-inf' is not a finite number")):
         code, out, err = main_in_process(*args)
         assert code == 2 and out == "" and "Traceback" not in err
         assert ": error: " in err.strip().splitlines()[-1] and fragment in err.strip().splitlines()[-1], err
@@ -107,7 +108,7 @@ def test_a_teacher_checkpoint_of_another_architecture_is_refused_before_ray_star
     (tmp_path / "text.pt").write_text("not a checkpoint\n")
     for name, fragments in (("wrong.pt", ["does not fit", "size mismatch"]),
                             ("partial.pt", ["does not fit", "missing"]),
-                            ("text.pt", ["not a readable torch file"])):
+                            ("text.pt", ["not a readable weights file"])):
         code, out, err = main_in_process("--teacher-checkpoint", tmp_path / name)
         lines = err.strip().splitlines()
         assert code == 2 and out == "" and len(lines) == 1, err
@@ -135,4 +136,4 @@ def test_smoke_test_runs_end_to_end_and_prints_a_summary(tmp_path):
     assert weights.is_file() and weights.is_relative_to(tmp_path)
     assert "measured speed-up" in proc.stdout
     teachers = list((tmp_path / "cache" / "teachers").glob("*.pt"))
-    assert len(teachers) == 1  # the teacher went to --cache-dir, not ~/.cache
+    assert len(teachers) == 1  # the teacher went to $SIT_CACHE_DIR, not ~/.cache

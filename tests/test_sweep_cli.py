@@ -13,11 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PARETO = ROOT / "sweeps" / "pareto.py"
 
 BAD = {
-    "trials-0": (["--trials", "0"], "--trials 0 must be >= 1"),
-    "trials-negative": (["--trials", "-3"], "--trials -3 must be >= 1"),
-    "concurrent-0": (["--concurrent", "0"], "--concurrent 0 must be >= 1"),
-    "workers-0": (["--workers", "0"], "--workers 0 must be >= 1"),
     "cpus-per-worker-0": (["--cpus-per-worker", "0"], "--cpus-per-worker 0.0 must be > 0"),
+    "lr-tiny": (["--lr", "1e-9"], "min_lr=1e-05 must not exceed lr=1e-09"),
     "objectives-one": (["--objectives", "top1:max"], "objectives must include top1 and latency_ms"),
     "objectives-unknown": (["--objectives", "foo:min"], "objective 'foo' is not one of top1, latency_ms, gmacs"),
     "objectives-bad-mode": (["--objectives", "top1:up,latency_ms:min"], "top1:up must be max or min"),
@@ -81,7 +78,7 @@ def test_bad_input_in_process(case, dirs, capsys, monkeypatch):
         assert not ray.is_initialized(), "Ray must not start for a bad command line"
 
 
-@pytest.mark.parametrize("case", ["trials-0", "objectives-unknown", "reducers-unknown", "export-unknown",
+@pytest.mark.parametrize("case", ["lr-tiny", "objectives-unknown", "reducers-unknown", "export-unknown",
                                   "data-missing", "resume-nothing", "name-quote"])
 def test_bad_input_subprocess(case, dirs):
     """The real entry point: exit 2, exactly one stderr line, no traceback, nothing written."""
@@ -113,7 +110,13 @@ def test_resume_of_an_existing_sweep_is_required(dirs):
     assert plan.resume and plan.name == "pareto-fmnist-cpu-smoke" and plan.trials == 3
 
 
-@pytest.mark.parametrize("args, error", [(["--trials", "abc"], "argument --trials: invalid int value: 'abc'"),
+@pytest.mark.parametrize("args, error", [(["--trials", "abc"], "argument --trials: 'abc' is not a whole number"),
+                                         (["--trials", "0"], "argument --trials: 0 must be >= 1"),
+                                         (["--concurrent", "0"], "argument --concurrent: 0 must be >= 1"),
+                                         (["--workers", "0"], "argument --workers: 0 must be >= 1"),
+                                         (["--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+                                         (["--max-latency-ms", "inf"], "'inf' is not a finite number"),
+                                         (["--min-top1", "nan"], "'nan' is not a finite number"),
                                          (["--sampler", "cmaes"], "argument --sampler: invalid choice: 'cmaes'"),
                                          (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
                                          (["--bogus"], "unrecognized arguments: --bogus")])
@@ -141,7 +144,7 @@ def test_help_documents_every_option(dirs):
     for option in ("--trials", "--concurrent", "--sampler", "--objectives", "--reducers", "--max-latency-ms",
                    "--min-top1", "--no-warm-start", "--resume", "--name", "--tracking-uri", "--out", "--export",
                    "--seed", "--smoke-test", "--preset", "--data", "--teacher-checkpoint", "--workers", "--gpu",
-                   "--cpus-per-worker", "--cache-dir", "--address"):
+                   "--cpus-per-worker", "--address", "--config", "--print-config"):
         assert option in text, option
     sys.path.insert(0, str(ROOT))
     from sweeps.pareto import build_parser
