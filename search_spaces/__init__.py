@@ -1,18 +1,6 @@
-"""Search spaces, one module per backbone family: `space(job)` for Optuna, `warm_starts(job)`
-(the paper's configurations, evaluated first), and `apply_point(job, point)` to build a candidate."""
-from . import lvvit, vit
-from .common import apply_point
+"""The search space of a sweep: one define-by-run space for every backbone, its geometry (depth,
+patch tokens) taken from sit_core, warm starts from the paper's schedules, and how a sampled point
+becomes a `DistillJob` (through `sit_core.config.override`, like every other change to a job)."""
+from .space import SearchSpace, apply_point, point_from, warm_starts
 
-FAMILIES = {"vit": vit, "lvvit": lvvit}
-
-
-def family_of(job) -> str:
-    return "lvvit" if job.model.backbone.startswith("lvvit") else "vit"
-
-
-def for_job(job):
-    """The family module searching this job's backbone."""
-    return FAMILIES[family_of(job)]
-
-
-__all__ = ["FAMILIES", "apply_point", "family_of", "for_job"]
+__all__ = ["SearchSpace", "apply_point", "point_from", "warm_starts"]

@@ -2,44 +2,40 @@
 
 A card is a human-readable YAML file with the weights beside it:
 
-    cards/sit_fmnist_knee.yaml        format: sit-card/1, name, model (backbone, kwargs, schedule),
-    cards/sit_fmnist_knee.pt          loss, train, data, metrics, speed, mlflow, weights, created
+    cards/tsm-12.yaml        format: sit-card/2, name, job (the whole DistillJob: model, loss, train,
+    cards/tsm-12.pt          data, speed), metrics, speed, mlflow, weights, created
 
 `write_card(...)` writes both, `load_card(path)` rebuilds the inference student and loads the
-weights strictly after checking their sha256. The weights path is stored relative to the card,
+weights strictly after checking their sha256; `card_job(path)` gives back the job itself. The weights path is stored relative to the card,
 so a card directory can be copied or moved as a whole. Nothing here imports Ray or MLflow: the
 `mlflow` field is plain text the caller fills in.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import yaml
 from torch import nn
 
 from .config import DistillJob, ModelSpec
+from .files import atomic_write, file_sha256
 
-FORMAT = "sit-card/1"
-# Fields every card has; loss/train/data are present when the card was written from a DistillJob.
-REQUIRED = ("format", "name", "model", "metrics", "speed", "weights", "created")
+FORMAT = "sit-card/2"
+REQUIRED = ("format", "name", "job", "metrics", "speed", "weights", "created")
 # A name becomes the weights' file name: keep it a plain, portable file-name component.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 PathLike = Union[str, os.PathLike]
 
 
-def write_card(path: PathLike, *, name: str, job_or_model_spec: Union[DistillJob, ModelSpec],
+def write_card(path: PathLike, *, name: str, job: DistillJob,
                state_dict: Optional[Union[Mapping, nn.Module]] = None, weights_path: Optional[PathLike] = None,
                metrics: Mapping[str, Any], speed: Any, mlflow: Optional[Mapping] = None,
                extra: Optional[Mapping] = None) -> Path:
@@ -53,12 +49,9 @@ def write_card(path: PathLike, *, name: str, job_or_model_spec: Union[DistillJob
         raise ValueError(f"card name {name!r} must be a plain file name: letters, digits, '.', '_', '-'")
     if (state_dict is None) == (weights_path is None):
         raise ValueError("give exactly one of state_dict or weights_path")
-    if isinstance(job_or_model_spec, DistillJob):
-        spec, job = job_or_model_spec.model, job_or_model_spec
-    elif isinstance(job_or_model_spec, ModelSpec):
-        spec, job = job_or_model_spec, None
-    else:
-        raise ValueError(f"job_or_model_spec must be a DistillJob or ModelSpec, got {type(job_or_model_spec).__name__}")
+    if not isinstance(job, DistillJob):
+        raise ValueError(f"job must be a DistillJob, got {type(job).__name__}")
+    spec = job.model
 
     path = Path(path)
     card_path = path / f"{name}.yaml" if path.is_dir() else path
@@ -75,12 +68,7 @@ def write_card(path: PathLike, *, name: str, job_or_model_spec: Union[DistillJob
         weights_file = card_path.parent / f"{name}{source.suffix or '.pt'}"
     _check_state(spec, state)
 
-    card: dict[str, Any] = {"format": FORMAT, "name": name, "model": spec.to_dict()}
-    if job is not None:
-        card["loss"] = dataclasses.asdict(job.loss)
-        card["train"] = dataclasses.asdict(job.train)
-        card["data"] = {"kind": job.data.kind, "img_size": job.data.img_size, "in_chans": job.data.in_chans,
-                        "num_classes": spec.kwargs.get("num_classes")}
+    card: dict[str, Any] = {"format": FORMAT, "name": name, "job": job.to_dict()}
     card["metrics"] = _metrics(metrics)
     card["speed"] = _speed(speed)
     if mlflow is not None:
@@ -93,14 +81,14 @@ def write_card(path: PathLike, *, name: str, job_or_model_spec: Union[DistillJob
     # (or, when rewriting a card, the old card over new weights, which its sha256 then rejects).
     card_path.parent.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
-        _atomic_write(weights_file, lambda f: torch.save(state, f))
+        atomic_write(weights_file, lambda f: torch.save(state, f))
     elif source.resolve() != weights_file.resolve():
-        _atomic_write(weights_file, lambda f: _copy_into(source, f))
-    card["weights"] = {"file": weights_file.name, "sha256": _sha256(weights_file)}
+        atomic_write(weights_file, lambda f: _copy_into(source, f))
+    card["weights"] = {"file": weights_file.name, "sha256": file_sha256(weights_file)}
     card["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     header = f"# SiT model card. Rebuild with: sit_core.load_card({card_path.name!r})\n"
-    _atomic_write(card_path, lambda f: f.write(
+    atomic_write(card_path, lambda f: f.write(
         (header + yaml.dump(card, Dumper=_CardDumper, sort_keys=False, allow_unicode=True)).encode()))
     return card_path
 
@@ -120,7 +108,7 @@ def read_card(path: PathLike) -> dict:
     for key in REQUIRED:
         if key not in card or card[key] is None:
             raise ValueError(f"{path} is missing the required field {key!r}")
-    for key, sub in (("model", ("backbone", "schedule")), ("weights", ("file", "sha256"))):
+    for key, sub in (("job", ("model",)), ("weights", ("file", "sha256"))):
         if not isinstance(card[key], dict):
             raise ValueError(f"{path}: field {key!r} must be a mapping, got {type(card[key]).__name__}")
         for s in sub:
@@ -131,9 +119,9 @@ def read_card(path: PathLike) -> dict:
     return card
 
 
-def card_model_spec(path: PathLike) -> ModelSpec:
-    """The card's architecture (backbone, timm kwargs, schedule), without loading weights."""
-    return ModelSpec.from_dict(read_card(path)["model"])
+def card_job(path: PathLike) -> DistillJob:
+    """The job the card's model was distilled with (architecture, schedule, loss, recipe, data, speed)."""
+    return DistillJob.from_dict(read_card(path)["job"])
 
 
 def load_card(path: PathLike, map_location: Any = "cpu") -> nn.Module:
@@ -144,12 +132,12 @@ def load_card(path: PathLike, map_location: Any = "cpu") -> nn.Module:
     if not weights_file.is_file():
         raise FileNotFoundError(f"weights file {weights_file} named by card {path} does not exist")
     # Hash before unpickling/parsing anything: a swapped or truncated file never reaches the model.
-    if _sha256(weights_file) != card["weights"]["sha256"]:
+    if file_sha256(weights_file) != card["weights"]["sha256"]:
         raise ValueError(f"weights file {weights_file} does not match the card's sha256 "
                          f"({card['weights']['sha256'][:12]}...): it was changed or belongs to another card")
     state = _read_weights(weights_file, map_location)
     # pretrained=False: every weight comes from the card, never from a download.
-    model = ModelSpec.from_dict(card["model"]).build(pretrained=False)
+    model = DistillJob.from_dict(card["job"]).model.build(pretrained=False)
     model.load_state_dict(state, strict=True)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
@@ -236,30 +224,6 @@ class _CardDumper(yaml.SafeDumper):
 _CardDumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def _atomic_write(dest: Path, write: Callable) -> None:
-    """Write through a temporary file in the same directory, then os.replace: all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a card is meant to be shared
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _copy_into(source: Path, f) -> None:
     with open(source, "rb") as src:
         shutil.copyfileobj(src, f)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -1,22 +1,42 @@
 """The one config object that flows spec -> model -> training -> trial -> Pareto -> card -> model.
 
 Plain dataclasses that round-trip through JSON/YAML (`to_dict` / `from_dict`), so a Ray trial, an
-MLflow run and a card on disk all carry the same thing. Nothing here imports Ray or MLflow.
+MLflow run and a card on disk all carry the same thing. `override(job, {"train.lr": 1e-3, ...})` is
+the one way to change a job: command-line flags, smoke runs, config files and search points all go
+through it, and the result is validated like a fresh job. Nothing here imports Ray or MLflow.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, NamedTuple, Optional
 
 import timm
+import torch
 from torch import nn
 
 from .data import DataSpec
-from .patch import apply_slimming
+from .patch import apply_slimming, model_geometry
 from .schedule import SlimSchedule, as_schedule
+
+
+def _finite(obj, *names: str, positive: bool = False, non_negative: bool = False) -> None:
+    """One-line ValueError for a NaN/inf (or out-of-range) number: argparse happily parses 'nan'."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{name}={value!r} must be a finite number")
+        if positive and not value > 0:
+            raise ValueError(f"{name}={value} must be > 0")
+        if non_negative and value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
 
 
 @dataclass
@@ -39,8 +59,15 @@ class ModelSpec:
         """The inference student: backbone + reducers, random reducer weights."""
         return apply_slimming(self.build_teacher(**extra), self.schedule)
 
+    def geometry(self) -> "Geometry":
+        """Depth, patch tokens, prefix tokens and width of the backbone (a meta-device build: no weights)."""
+        return _geometry(self.backbone, json.dumps(self.kwargs, sort_keys=True, default=str))
+
     def with_schedule(self, schedule) -> "ModelSpec":
         return dataclasses.replace(self, schedule=as_schedule(schedule))
+
+    def teacher(self) -> "ModelSpec":
+        return self.with_schedule(None)
 
     def architecture_key(self) -> str:
         """Stable hash of what determines speed: backbone, overrides, schedule."""
@@ -50,17 +77,36 @@ class ModelSpec:
         return {"backbone": self.backbone, "kwargs": dict(self.kwargs), "schedule": self.schedule.to_dict()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        return cls(backbone=d["backbone"], kwargs=dict(d.get("kwargs", {})), schedule=as_schedule(d["schedule"]))
+    def from_dict(cls, d: Mapping) -> "ModelSpec":
+        _known(cls, d, "model")
+        return cls(backbone=d["backbone"], kwargs=dict(d.get("kwargs") or {}), schedule=as_schedule(d.get("schedule")))
+
+
+class Geometry(NamedTuple):
+    depth: int
+    num_patches: int
+    num_prefix_tokens: int
+    embed_dim: int
+
+
+@functools.lru_cache(maxsize=64)
+def _geometry(backbone: str, kwargs_json: str) -> Geometry:
+    with torch.device("meta"):  # shapes only: a real DeiT-S build takes seconds on 2 cores
+        model = ModelSpec(backbone, json.loads(kwargs_json)).build_teacher(pretrained=False)
+    return Geometry(*model_geometry(model))
 
 
 @dataclass
 class LossWeights:
-    """FRD weights (SPEC reference defaults)."""
+    """FRD weights (the reference defaults)."""
 
     lambda_token: float = 2.0
     lambda_logits: float = 2.0
     tau: float = 1.0
+
+    def __post_init__(self):
+        _finite(self, "lambda_token", "lambda_logits", non_negative=True)
+        _finite(self, "tau", positive=True)
 
 
 @dataclass
@@ -70,44 +116,76 @@ class TrainSpec:
     epochs: int = 1
     batch_size: int = 128                    # global; split evenly over the workers
     lr: float = 5e-4                         # backbone + TSM learning rate at this batch size
-    min_lr: float = 1e-5                     # cosine floor
+    min_lr: float = 1e-5                     # cosine floor of every parameter group (official SiT)
     weight_decay: float = 0.05
-    rtsm_lr_mult: float = 5.0                # SPEC: RTSMs learn 5x faster than the backbone
-    warmup_steps: int = 0                    # SPEC recipe: no warm-up
+    rtsm_lr_mult: float = 5.0                # RTSMs start 5x faster than the backbone
+    warmup_steps: int = 0                    # the SiT recipe: no warm-up
+    cooldown_epochs: int = 0                 # extra epochs at min_lr after the cosine (official: 10)
+    label_smoothing: float = 0.0             # on the hard labels (mixup/cutmix smooth their own targets)
+    mixup: float = 0.0                       # timm Mixup alpha (official ImageNet recipe: 0.8)
+    cutmix: float = 0.0                      # timm CutMix alpha (official: 1.0)
+    drop_path_rate: float = 0.0              # stochastic depth of the trained model
     grad_clip: Optional[float] = None
-    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs
+    max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and short sweep trials
+    device_batch_cap: Optional[int] = None   # most images per forward on one device; accumulate the rest
     amp: bool = True                         # CUDA only: bf16 autocast (fp16 + GradScaler if no bf16)
     seed: int = 0
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not 0 <= self.cooldown_epochs < self.epochs:
+            raise ValueError(f"cooldown_epochs={self.cooldown_epochs} must be in 0..epochs-1 (epochs={self.epochs})")
+        _finite(self, "lr", "rtsm_lr_mult", positive=True)
+        _finite(self, "min_lr", "weight_decay", "mixup", "cutmix", "label_smoothing", "drop_path_rate",
+                "warmup_steps", non_negative=True)
+        _finite(self, "grad_clip", positive=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path_rate < 1:
+            raise ValueError("label_smoothing and drop_path_rate must be in [0, 1)")
+        for name in ("max_steps_per_epoch", "device_batch_cap"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be an integer >= 1 (or unset)")
+
+    @property
+    def cosine_epochs(self) -> int:
+        return self.epochs - self.cooldown_epochs
 
 
 @dataclass
 class SpeedSpec:
-    """How latency is measured in a trial (SPEC speed protocol)."""
+    """Where and how latency is modelled and measured: the serving setting."""
 
-    batch_size: int = 64
+    batch_size: int = 64                     # 1 for online serving, 64 for throughput
     warmup: int = 3
     iters: int = 10
-    threads: Optional[int] = None            # CPU threads for the probe; None = all the node's cores
-    dtype: str = "float32"
+    threads: Optional[int] = None            # CPU threads; None = all the node's cores
+    dtype: str = "float32"                   # float32 | bfloat16 | float16 (autocast)
+    device: str = "cpu"                      # cpu | cuda
+
+    def __post_init__(self):
+        for name in ("batch_size", "iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"speed {name}={getattr(self, name)} must be >= 1")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"speed dtype {self.dtype!r} must be float32, bfloat16 or float16")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"speed device {self.device!r} must be cpu or cuda")
 
 
 @dataclass
 class DistillJob:
-    """Everything needed to distill and measure one candidate."""
+    """Everything needed to distil and measure one candidate."""
 
     name: str = "candidate"
     model: ModelSpec = field(default_factory=ModelSpec)
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    teacher_checkpoint: Optional[str] = None   # local file; None -> train the teacher and cache it
+    teacher_checkpoint: Optional[str] = None   # local file; None -> the shipped/cached/trained teacher
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3))
     speed: SpeedSpec = field(default_factory=SpeedSpec)
 
@@ -117,23 +195,61 @@ class DistillJob:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DistillJob":
-        return cls(
-            name=d.get("name", "candidate"),
-            model=ModelSpec.from_dict(d["model"]),
-            loss=LossWeights(**d.get("loss", {})),
-            train=TrainSpec(**d.get("train", {})),
-            data=DataSpec(**d.get("data", {})),
-            teacher_checkpoint=d.get("teacher_checkpoint"),
-            teacher_train=TrainSpec(**d.get("teacher_train", {})),
-            speed=SpeedSpec(**d.get("speed", {})),
-        )
+    def from_dict(cls, d: Mapping) -> "DistillJob":
+        _known(cls, d, "job")
+        sections = {"loss": LossWeights, "train": TrainSpec, "data": DataSpec, "teacher_train": TrainSpec,
+                    "speed": SpeedSpec}
+        built = {}
+        for key, kind in sections.items():
+            value = d.get(key) or {}
+            _known(kind, value, key)
+            built[key] = kind(**value)
+        return cls(name=d.get("name", "candidate"), model=ModelSpec.from_dict(d["model"]),
+                   teacher_checkpoint=d.get("teacher_checkpoint"), **built)
 
     def teacher_key(self) -> str:
         """Hash of what determines a project-trained teacher: architecture, data, recipe."""
-        arch = {"backbone": self.model.backbone, "kwargs": self.model.kwargs}
-        data = dataclasses.asdict(self.data)
-        return stable_hash({"arch": arch, "data": data, "train": dataclasses.asdict(self.teacher_train)})
+        # Evaluation-only subsets do not change the weights: leave them out, or a smaller validation
+        # set would retrain the teacher.
+        data = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in ("val_subset", "test_subset")}
+        return stable_hash({"arch": {"backbone": self.model.backbone, "kwargs": self.model.kwargs},
+                            "data": data, "train": dataclasses.asdict(self.teacher_train)})
+
+
+def override(job: DistillJob, changes: Mapping[str, Any]) -> DistillJob:
+    """A validated copy of `job` with dotted fields replaced, e.g. {"train.lr": 1e-3, "model.schedule": "2,4@0.5"}.
+
+    `model.kwargs.<name>` sets one timm keyword; a value of None for it removes the keyword.
+    Unknown fields raise ValueError naming the valid ones.
+    """
+    d = job.to_dict()
+    for path, value in changes.items():
+        *parents, leaf = path.split(".")
+        node = d
+        for i, key in enumerate(parents):
+            if not isinstance(node, dict) or key not in node:
+                raise ValueError(f"unknown job field {'.'.join(parents[:i + 1])!r} (in {path!r})")
+            node = node[key]
+        in_kwargs = parents == ["model", "kwargs"]
+        if not isinstance(node, dict) or (leaf not in node and not in_kwargs):
+            valid = sorted(node) if isinstance(node, dict) else []
+            raise ValueError(f"unknown job field {path!r}: valid fields here are {', '.join(valid)}")
+        if isinstance(value, SlimSchedule) or (path == "model.schedule" and isinstance(value, str)):
+            value = as_schedule(value).to_dict()
+        if in_kwargs and value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return DistillJob.from_dict(d)
+
+
+def _known(kind, d: Mapping, where: str) -> None:
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where} must be a mapping of fields, got {type(d).__name__}")
+    valid = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(d) - valid)
+    if unknown:
+        raise ValueError(f"unknown {where} field(s) {', '.join(unknown)}: valid are {', '.join(sorted(valid))}")
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:
