@@ -99,9 +99,10 @@ def warm_starts(job: DistillJob, space: SearchSpace) -> list[dict]:
     each with the reference loss weights and the job's lr, once per searched reducer."""
     d = space.depth
     scaled = tuple(sorted({max(1, min(d - 1, p * d // 12)) for p in DEIT_SCHEDULE.positions}))
-    schedules = {scaled: DEIT_SCHEDULE.keep[0]}
+    schedules = [(scaled[:space.stages], space.on_grid(DEIT_SCHEDULE.keep[0]))]
     for row in SIT_LVVIT_SCHEDULES.values():
-        if max(row.tsm_after) <= d - 1 and len(row.tsm_after) <= space.stages:
-            schedules.setdefault(tuple(row.tsm_after), row.keep_ratio)
-    return [point_from(SlimSchedule(positions[:space.stages], space.on_grid(keep), reducer), lr=job.train.lr)
-            for positions, keep in schedules.items() for reducer in space.reducers]
+        candidate = (tuple(row.tsm_after), space.on_grid(row.keep_ratio))
+        if max(row.tsm_after) <= d - 1 and len(row.tsm_after) <= space.stages and candidate not in schedules:
+            schedules.append(candidate)
+    return [point_from(SlimSchedule(positions, keep, reducer), lr=job.train.lr)
+            for positions, keep in schedules for reducer in space.reducers]

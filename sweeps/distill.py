@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python sweeps/distill.py` from a checkout
 
 from sit_core.config import override
 from sit_core.schedule import as_schedule
-from sweeps.cli import add_job_arguments, doc_parser, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
+from sweeps.cli import add_job_arguments, doc_parser, job_from_args, job_yaml, parse_or_exit, validate_job
 
 
 def build_parser():

@@ -1,41 +1,40 @@
 """Search the speed/accuracy Pareto front of SiT candidates: Ray Tune + Optuna, MLflow, cards.
 
     python sweeps/pareto.py                         # local: Fashion-MNIST preset, <= 10 min on 2 cores
-    python sweeps/pareto.py --smoke-test            # < 2 min
+    python sweeps/pareto.py --smoke-test            # a couple of minutes
     python sweeps/pareto.py --resume                # continue a killed sweep (same --out / --name)
     ray job submit --working-dir . -- python sweeps/pareto.py --preset deit-small-imagenet \\
         --data /mnt/shared/imagenet --teacher-checkpoint /mnt/shared/deit_small.pth \\
         --workers 4 --gpu --out /mnt/shared/runs/deit-s --tracking-uri http://HEAD:5000   # on a cluster
 
 Every trial distils one sampled candidate (schedule, keep ratios, loss weights, lr) from the
-teacher on Ray Train, then measures its latency with sit_core's protocol while no other trial on
-the node trains (a per-node lock; identical architectures are measured once). Objectives default
+teacher and reports validation top-1 every epoch with the candidate's latency. Objectives default
 to maximising validation top-1 and minimising latency; trials over --max-latency-ms or under
 --min-top1 are infeasible and never on the front. Each trial is a nested MLflow run under the
-sweep's parent run; the front is exported as cards (sit_core.load_card rebuilds the model).
-Limits: Optuna only sees each trial's final result (no early stopping); on a multi-node cluster
---out must be shared storage and --tracking-uri a server.
+sweep's parent run, live while it trains; the front is exported as cards (sit_core.load_card
+rebuilds the model). Limits: on a multi-node cluster --out must be shared storage and
+--tracking-uri a server.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sweeps.cli import doc_parser
-from sit_core.data import DataError
-
-from sweeps.distill import add_job_arguments, job_from_args, validate_job
+from sit_core.config import DistillJob
+from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
+from sweeps.pareto_front import Constraints
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
+REDUCERS = ("tsm", "drop", "merge")
 
 
 def parse_objectives(text: str) -> dict:
@@ -48,24 +47,25 @@ def parse_objectives(text: str) -> dict:
         if mode not in ("max", "min"):
             raise ValueError(f"objective {name}:{mode} must be max or min")
         objectives[name] = mode
-    if len(objectives) < 2 or "top1" not in objectives or "latency_ms" not in objectives:
+    if "top1" not in objectives or "latency_ms" not in objectives:
         raise ValueError("objectives must include top1 and latency_ms (gmacs may be a third)")
     return objectives
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     p = doc_parser(__doc__)
     add_job_arguments(p)
-    p.set_defaults(out="runs/pareto")
-    p.add_argument("--trials", type=int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")
-    p.add_argument("--concurrent", type=int, help="trials at once (default: fitted to the cluster's CPUs/GPUs)")
+    p.add_argument("--out", default="runs/pareto", metavar="DIR", help="tables, plots, cards, MLflow and Ray "
+                   "results (default: %(default)s)")
+    p.add_argument("--trials", type=positive_int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")
+    p.add_argument("--concurrent", type=positive_int, help="trials at once (default: fitted to the cluster)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"),
                    help="Optuna multi-objective sampler (default: %(default)s)")
     p.add_argument("--objectives", default="top1:max,latency_ms:min",
                    help="comma list of top1, latency_ms, gmacs with :max/:min (default: %(default)s)")
     p.add_argument("--reducers", default="tsm", help="token reducers competing on the front: any of tsm,drop,merge")
-    p.add_argument("--max-latency-ms", type=float, help="latency budget: slower trials are infeasible")
-    p.add_argument("--min-top1", type=float, help="accuracy floor (%%): less accurate trials are infeasible")
+    p.add_argument("--max-latency-ms", type=finite_float, help="latency budget: slower trials are infeasible")
+    p.add_argument("--min-top1", type=finite_float, help="accuracy floor (%%): less accurate trials are infeasible")
     p.add_argument("--no-warm-start", action="store_true", help="skip the paper's configurations as first trials")
     p.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite in --out)")
     p.add_argument("--name", default=None, help="sweep name (default: pareto-<preset>); reuse with --resume")
@@ -75,58 +75,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    try:
-        plan = make_plan(args)
-    except (ValueError, DataError) as e:
-        p.exit(2, f"{p.prog}: error: {e}\n")  # before anything is written or Ray starts
-    from sweeps.sweep import run_sweep
-    try:
-        return run_sweep(plan)
-    except ValueError as e:  # what only the running cluster can tell (e.g. trials that cannot fit)
-        p.exit(2, f"{p.prog}: error: {e}\n")
-
-
 @dataclasses.dataclass
 class Plan:
-    """Everything the sweep needs, validated."""
+    """Everything the sweep needs, validated before anything is written or Ray starts."""
 
-    job: object
+    job: DistillJob
     name: str
     out: str
     tracking_uri: str
     trials: int
-    concurrent: int | None
+    concurrent: int
     sampler: str
     objectives: dict
     reducers: tuple
-    max_latency_ms: float | None
-    min_top1: float | None
+    constraints: Constraints
     warm_start: bool
     resume: bool
     export: str
     seed: int
     workers: int
     gpu: bool
-    cpus_per_worker: float | None
-    cache_dir: str | None
-    address: str | None
+    cpus_per_worker: Optional[float]
+    address: Optional[str]
+
+    @property
+    def storage(self) -> str:
+        return os.path.join(self.out, "ray")
+
+    @property
+    def optuna_storage(self) -> str:
+        return f"sqlite:///{os.path.join(self.out, 'optuna.db')}"
+
+    @property
+    def max_latency_ms(self):
+        return self.constraints.max_latency_ms
+
+    @property
+    def min_top1(self):
+        return self.constraints.min_top1
+
+    def record(self) -> dict:
+        """The sweep's settings as plain JSON: what an export or a resume reads back."""
+        return {"name": self.name, "tracking_uri": self.tracking_uri, "objectives": self.objectives,
+                "reducers": list(self.reducers), "max_latency_ms": self.max_latency_ms, "min_top1": self.min_top1,
+                "trials": self.trials, "sampler": self.sampler, "seed": self.seed, "preset": self.job.name,
+                "base_job": self.job.to_dict()}
 
 
 def make_plan(args) -> Plan:
     from sweeps import tracking
 
     job = job_from_args(args)
+    if args.print_config:
+        return Plan(job, "", "", "", 0, 1, "", {}, (), Constraints(), False, False, "", 0, 1, False, None, None)
     validate_job(job)
-    trials = args.trials if args.trials is not None else (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
-    if trials < 1:
-        raise ValueError(f"--trials {trials} must be >= 1")
-    if args.concurrent is not None and args.concurrent < 1:
-        raise ValueError(f"--concurrent {args.concurrent} must be >= 1")
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers} must be >= 1")
+    trials = args.trials or (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
     if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
     if args.max_latency_ms is not None and not args.max_latency_ms > 0:
@@ -134,15 +137,14 @@ def make_plan(args) -> Plan:
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
     reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
-    bad = [r for r in reducers if r not in ("tsm", "drop", "merge")]
-    if bad or not reducers:
-        raise ValueError(f"--reducers {args.reducers!r}: choose from tsm, drop, merge")
-    if args.export != "front" and args.export != "knee" and not args.export.startswith("budget:"):
+    if not reducers or any(r not in REDUCERS for r in reducers):
+        raise ValueError(f"--reducers {args.reducers!r}: choose from {', '.join(REDUCERS)}")
+    if args.export not in ("front", "knee") and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
     if args.export.startswith("budget:"):
         try:
-            budget = float(args.export.split(":", 1)[1])
-        except ValueError:
+            budget = finite_float(args.export.split(":", 1)[1])
+        except Exception:  # noqa: BLE001  (argparse's type error: same message below)
             budget = float("nan")
         if not budget > 0:
             raise ValueError(f"--export {args.export!r}: the budget must be a latency in ms > 0, e.g. budget:12.5")
@@ -158,11 +160,32 @@ def make_plan(args) -> Plan:
         raise ValueError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, "
                          "or choose another --name/--out")
     return Plan(job=job, name=name, out=out, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri, out),
-                trials=trials, concurrent=args.concurrent, sampler=args.sampler,
+                trials=trials, concurrent=args.concurrent or _default_concurrency(args.gpu), sampler=args.sampler,
                 objectives=parse_objectives(args.objectives), reducers=reducers,
-                max_latency_ms=args.max_latency_ms, min_top1=args.min_top1, warm_start=not args.no_warm_start,
+                constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
-                cpus_per_worker=args.cpus_per_worker, cache_dir=args.cache_dir, address=args.address)
+                cpus_per_worker=args.cpus_per_worker, address=args.address)
+
+
+def _default_concurrency(gpu: bool) -> int:
+    """Before Ray starts: this machine's cores (CPU trials of one core each, up to 4) or GPUs."""
+    if gpu:
+        import torch
+        return max(1, torch.cuda.device_count())
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    args, plan = parse_or_exit(p, make_plan, argv)
+    if args.print_config:
+        print(job_yaml(plan.job), end="")
+        return 0
+    from sweeps.sweep import run_sweep
+    try:
+        return run_sweep(plan)
+    except ValueError as e:  # what only the running cluster can tell (e.g. trials that cannot fit)
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -101,11 +101,13 @@ class Outcome:
 
 
 def fit(job: DistillJob, *, mode: str, teacher=None, workers: Workers, storage_path: str, run_name: str,
-        max_failures: int = 2, callbacks: tuple = (), probe_lock: bool = False) -> Outcome:
+        max_failures: int = 2, callbacks: tuple = (), probe_lock: bool = False,
+        extend_report: Optional[Callable[[dict], dict]] = None) -> Outcome:
     """Run `train_func` on a TorchTrainer; a rerun with the same name/storage resumes its checkpoints."""
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"job": job.to_dict(), "mode": mode, "teacher": teacher, "probe_lock": probe_lock},
+        train_loop_config={"job": job.to_dict(), "mode": mode, "teacher": teacher, "probe_lock": probe_lock,
+                           "extend_report": extend_report},
         torch_config=workers.torch_config(),
         scaling_config=workers.scaling(),
         run_config=ray.train.RunConfig(

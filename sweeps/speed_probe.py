@@ -66,3 +66,17 @@ def probe(spec: ModelSpec, speed: SpeedSpec, *, cache_dir: Optional[str] = None,
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, path)
     return {**result, "cached": False}
+
+
+class Prober:
+    """`--latency measure`: a latency oracle that times each candidate end to end when asked (alone
+    on the node, interleaved with its teacher, cached by architecture). Picklable into trials."""
+
+    mode = "measure"
+
+    def __init__(self, speed: SpeedSpec, cache_dir: Optional[str] = None):
+        self.speed, self.cache_dir = speed, cache_dir
+
+    def __call__(self, spec: ModelSpec) -> dict:
+        result = probe(spec, self.speed, cache_dir=self.cache_dir)
+        return {k: result[k] for k in ("latency_ms", "latency_ms_std", "gmacs", "params_m", "speedup")}

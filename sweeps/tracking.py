@@ -10,11 +10,13 @@ Layout in the store:
 - parent run (``sit.role=sweep``, ``sit.sweep_id=<id>``): sweep settings, Pareto CSV, plot,
   hypervolume history. A resumed sweep finds and reopens it instead of making a second one.
 - child runs (``sit.role=trial``, ``sit.trial_id=<id>``, ``mlflow.parentRunId=<parent>`` so the UI
-  nests them): flattened config params, per-epoch metrics (``step=epoch``), final metrics, the speed
-  record, the status and the failure reason. ``sit.pareto=true|false`` once the front is known.
+  nests them), named by what they are (``tsm 3,6,9@0.7 #12``): created when the trial starts,
+  per-epoch metrics as they arrive (``step=epoch``, real timestamps), the status (FINISHED, FAILED,
+  KILLED when stopped early) and the failure reason. ``sit.pareto=true|false`` once the front is known.
 
 Experiments, runs and metric series are idempotent on their keys (name, sweep id, trial id,
 step), so a resumed sweep can log everything again without duplicating runs or history points.
+The Ray side (a Tune callback that calls these functions as results arrive) is in trial_logger.py.
 
 Limits: MLflow 3 refuses the file store (``./mlruns``); use ``sqlite:////abs/path/mlflow.db``
 (one machine, or a shared filesystem that supports SQLite locking) or a tracking server
@@ -31,7 +33,6 @@ import numbers
 import os
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,8 +51,6 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests a run under this one
 ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "sit.role", "sit.sweep_id", "sit.trial_id"
 FAILURE_TAG, PARETO_TAG = "sit.failure", "sit.pareto"
-SPEED_PREFIX = "speed."
-HV_HISTORY_FILE = "hypervolume_history.csv"
 # Database backends pass through as given; sqlite is handled apart (its path is made absolute).
 DB_SCHEMES = ("postgresql", "mysql", "mssql")
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -213,66 +212,49 @@ def end_parent_run(tracking_uri: str, parent_run_id: str, status: str = "FINISHE
     MlflowClient(tracking_uri).set_terminated(parent_run_id, _terminal(status))
 
 
-# ---------------------------------------------------------------- trials
+# ---------------------------------------------------------------- trials (live child runs)
 
-def log_trial(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-              params: Mapping, epoch_metrics: list[Mapping], final_metrics: Mapping,
-              speed_record: Mapping | None = None, status: str = "FINISHED",
-              failure: str | None = None, tags: Mapping | None = None) -> str:
-    """Log one finished (or failed) trial as a child run of ``parent_run_id``; returns its run id.
-
-    - ``params``: the trial's config, flattened (``model.schedule.keep``), non-strings JSON-encoded.
-    - ``epoch_metrics``: one dict per epoch; step = its ``"epoch"`` value, else its position.
-      Non-numeric values (Ray result rows carry hostnames, dates) are skipped.
-    - ``final_metrics``: logged at the last epoch's step and later in time, so MLflow's "latest"
-      value of a key that is also an epoch metric (say ``top1``) is the final one.
-    - ``speed_record`` (``SpeedRecord.to_dict()``): floats are measurements -> metrics
-      ``speed.<key>``; the rest is the protocol (device, dtype, batch size...) -> params.
-    - ``status``: FINISHED, FAILED or KILLED; ``failure`` goes to tag ``sit.failure``.
-
-    Idempotent on ``trial_id``: an existing child with that id is reused. If it already has this
-    status nothing is written; otherwise (an earlier attempt failed, or crashed while logging) the
-    new values are added to it: only epochs after those already logged, params not yet logged.
-    """
-    status = _terminal(status)
+def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str,
+                    params: Mapping, tags: Mapping | None = None) -> str:
+    """The child run of ``trial_id``: created now (status RUNNING, the UI shows it while it trains),
+    or reopened if the trial ran before (a resumed sweep, a retried trial). Returns its run id."""
     client = MlflowClient(tracking_uri)
     run = _find_child(client, experiment_id, parent_run_id, trial_id)
-    if run is not None and run.info.status == status:
-        return run.info.run_id
     if run is None:
-        run_tags = {**_str_values(tags or {}), PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id,
-                    ROLE_TAG: "trial"}
-        run = client.create_run(experiment_id, tags=run_tags, run_name=trial_id)
-        existing_params: Mapping = {}
+        run_tags = {**_str_values(tags or {}), PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, ROLE_TAG: "trial"}
+        run = client.create_run(experiment_id, tags=run_tags, run_name=name)
+        existing: Mapping = {}
     else:
-        existing_params = run.data.params
-    run_id = run.info.run_id
+        existing = run.data.params
+        client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in _str_values(tags or {}).items()])
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+    _log_params(client, run.info.run_id, flatten_params(params), existing=existing)
+    return run.info.run_id
 
-    speed = flatten_params(speed_record or {}, prefix=SPEED_PREFIX)
-    speed_metrics = {k: float(v) for k, v in speed.items() if _is_measurement(v)}
-    _log_params(client, run_id, {**flatten_params(params),
-                                 **{k: v for k, v in speed.items() if k not in speed_metrics}},
-                existing=existing_params)
 
-    now = _now_ms()
-    metrics, last_step = [], 0
-    for i, row in enumerate(epoch_metrics):
-        step = int(row.get("epoch", i))
-        last_step = max(last_step, step)
-        metrics += [Metric(k, v, now, step) for k, v in _numeric(row).items() if k != "epoch"]
-    if run.data.metrics:  # a retry: keep the points already logged, add only later epochs
-        last = {k: _last_step(client, run_id, k) for k in {m.key for m in metrics}}
-        metrics = [m for m in metrics if last[m.key] is None or m.step > last[m.key]]
-    final = {**_numeric(final_metrics), **speed_metrics}
-    metrics += [Metric(k, v, now + 1, last_step) for k, v in final.items()]
+def log_epoch(tracking_uri: str, run_id: str, metrics: Mapping, step: int, timestamp_ms: int | None = None) -> None:
+    """One epoch's numeric metrics at ``step``, stamped with when they arrived. Idempotent: a step
+    already logged for a key (a retried epoch, a replayed result) is not logged again."""
+    client = MlflowClient(tracking_uri)
+    values = _numeric(metrics)
+    done = {k for k in values if (_last_step(client, run_id, k) or -1) >= step}
+    stamp = timestamp_ms or _now_ms()
+    client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items() if k not in done])
+
+
+def end_trial_run(tracking_uri: str, run_id: str, status: str, tags: Mapping | None = None,
+                  failure: str | None = None) -> None:
+    """Final status (FINISHED, FAILED, or KILLED for a trial stopped early) and final tags."""
+    client = MlflowClient(tracking_uri)
     run_tags = _str_values(tags or {})
     if failure:
         run_tags[FAILURE_TAG] = _truncate(failure, MAX_TAG_VAL_LENGTH, keep_tail=True)
-    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in run_tags.items()])
-    if not failure and FAILURE_TAG in run.data.tags:  # a retry that succeeded
+    if run_tags:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+    if not failure and FAILURE_TAG in client.get_run(run_id).data.tags:  # a retry that succeeded
         client.delete_tag(run_id, FAILURE_TAG)
-    client.set_terminated(run_id, status)
-    return run_id
+    client.set_terminated(run_id, _terminal(status))
 
 
 def _find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):
@@ -303,38 +285,37 @@ def tag_pareto(tracking_uri: str, parent_run_id: str, child_run_ids: list[str],
         client.set_tag(run_id, PARETO_TAG, "true" if run_id in pareto_ids else "false")
 
 
-def log_parent_summary(tracking_uri: str, parent_run_id: str, pareto_csv: str | os.PathLike,
-                       plot_png: str | os.PathLike | None, hv_history: pd.DataFrame,
+def log_parent_summary(tracking_uri: str, parent_run_id: str, artifacts: list, hv_history: pd.DataFrame,
                        metrics: Mapping | None = None) -> None:
-    """Attach the sweep's results to its parent run.
-
-    Artifacts: the Pareto table, the plot and ``hypervolume_history.csv`` (re-logging overwrites).
-    Metrics: every numeric column of ``hv_history`` except the first (its order column, e.g.
-    ``trial_number``) as a series with step = trial count (row 1 -> step 1), so MLflow's latest
-    ``hypervolume`` is the final one; then ``metrics`` (step 0). On a resumed sweep only steps after
-    those already logged are added.
-    """
+    """Attach the sweep's results to its parent run: the files in ``artifacts`` (table, plots,
+    ``hypervolume_history.csv``; re-logging overwrites) and the hypervolume as its history only:
+    one point per finished trial, step = that trial's count and timestamp = when it finished (the
+    ``finished_ms`` column), so the UI draws hypervolume against trials and against time. ``metrics``
+    are single summary values (no hypervolume among them), logged once at the final step."""
     client = MlflowClient(tracking_uri)
-    client.log_artifact(parent_run_id, str(pareto_csv))
-    if plot_png is not None:
-        client.log_artifact(parent_run_id, str(plot_png))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / HV_HISTORY_FILE
-        hv_history.to_csv(path, index=False)
+    for path in artifacts:
         client.log_artifact(parent_run_id, str(path))
-
-    now = _now_ms()
-    series = hv_history.iloc[:, 1:].select_dtypes("number")
-    out = []
-    for key in series.columns:
-        last = _last_step(client, parent_run_id, key) or 0
-        out += [Metric(key, float(v), now, step)
-                for step, v in enumerate(series[key], start=1) if step > last]
-    out += [Metric(k, v, now, 0) for k, v in _numeric(metrics or {}).items()]
-    client.log_batch(parent_run_id, metrics=out)
+    last = _last_step(client, parent_run_id, "hypervolume") or 0
+    points = []
+    for step, row in enumerate(hv_history.itertuples(index=False), start=1):
+        if step > last:
+            stamp = int(getattr(row, "finished_ms", 0) or 0) or _now_ms()
+            points += [Metric("hypervolume", float(row.hypervolume), stamp, step),
+                       Metric("n_pareto", float(row.n_pareto), stamp, step)]
+    final_step = len(hv_history)
+    points += [Metric(k, v, _now_ms(), final_step) for k, v in _numeric(metrics or {}).items()]
+    client.log_batch(parent_run_id, metrics=points)
 
 
 # ---------------------------------------------------------------- reading back
+
+def read_json_artifact(tracking_uri: str, run_id: str, path: str) -> dict:
+    """A JSON file logged as an artifact of ``run_id`` (works against a remote tracking server too)."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, tracking_uri=tracking_uri)
+    return json.loads(Path(local).read_text())
+
 
 def trial_table(tracking_uri: str, experiment_id: str, parent_run_id: str) -> pd.DataFrame:
     """One row per child run of ``parent_run_id``: the same columns as ``mlflow.search_runs``.
@@ -414,11 +395,6 @@ def _numeric(row: Mapping) -> dict[str, float]:
     # numbers.Real also admits numpy scalars; bools are flags, not metrics.
     return {k: float(v) for k, v in row.items()
             if isinstance(v, numbers.Real) and not isinstance(v, bool)}
-
-
-def _is_measurement(value) -> bool:
-    # In a speed record, measured values are floats; counts and settings are ints, strings, bools.
-    return isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral)
 
 
 def _last_step(client: MlflowClient, run_id: str, key: str) -> int | None:

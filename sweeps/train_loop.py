@@ -52,10 +52,13 @@ def train_func(config: dict) -> None:
         log(f"[{config.get('mode', 'distill')}] {job.name}: {recipe.epochs} epoch(s) x {trainer.steps_per_epoch} steps "
             f"on {world} worker(s) ({device.type}), starting at epoch {start_epoch + 1}")
 
+    extend = config.get("extend_report") or (lambda m: m)  # a sweep trial adds its objectives
+
     def report(metrics: dict, last: bool) -> None:
         metrics["resumed_from_epoch"] = start_epoch
         if last:
             metrics.update(_replica_report(task.inference_model, world))
+        metrics = extend(metrics)
         if rank != 0:  # only rank 0 writes; every rank must still call report (it is a barrier)
             ray.train.report(metrics, checkpoint=None)
             return
@@ -90,7 +93,7 @@ def _match_threads_to_reserved_cpus() -> float:
     """Fractional CPU reservations leave torch's default (all cores) in every worker: concurrent
     trials then oversubscribe the cores and crawl. One thread per reserved core, at least one."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    torch.set_num_threads(max(1, int(cpus)))
+    torch.set_num_threads(max(1, round(cpus)))  # 1.9 reserved of 2 cores: 2 threads
     return cpus
 
 

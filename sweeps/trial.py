@@ -1,21 +1,34 @@
-"""One sweep trial (a Ray Tune function trainable): distil the sampled candidate on Ray Train,
-measure its latency alone on the node, log it to MLflow, report the objectives to Tune/Optuna."""
+"""One sweep trial (a Ray Tune function trainable): the sampled candidate's latency first, then its
+distillation, reporting every epoch to Tune (objectives, constraints, a checkpoint).
+
+A one-worker trial trains inside this trial process with `sit_core.train` (no worker group to
+start: seconds saved per trial); multi-worker and multi-node trials run a `TorchTrainer`. MLflow is
+written by the driver's `TrialRunLogger` from these reports, so a trial stopped early or killed
+still ends with the right status.
+"""
 from __future__ import annotations
 
-import json
+import os
+import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
+import ray
+import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from search_spaces import apply_point
 from sit_core.config import DistillJob
+from sit_core.data import load_splits, train_loader
+from sit_core.train import Trainer, distill_task, run_epochs, steps_per_epoch
 
-from . import tracking
+from .pareto_front import Constraints
 from .runner import Workers, fit
-from .speed_probe import probe
+from .train_loop import MODEL_FILE, STATE_FILE
+
+TRIAL_CPU = 0.1  # the trial process itself when workers train (fractional: see runner.size_workers)
 
 
 class TrialFailed(RuntimeError):
@@ -26,58 +39,84 @@ class TrialFailed(RuntimeError):
 class SweepContext:
     """What every trial of one sweep shares (pickled into each trial by `tune.with_parameters`)."""
 
-    base_job: dict
+    base_job: DistillJob
     workers: Workers
-    storage_path: str            # Ray Train runs of the trials (shared storage on a cluster)
-    speed_cache: str             # probe results by architecture
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    max_latency_ms: Optional[float] = None
-    min_top1: Optional[float] = None
-    objectives: dict = field(default_factory=lambda: {"top1": "max", "latency_ms": "min"})
+    storage: str                            # TorchTrainer runs of multi-worker trials
+    constraints: Constraints
+    latency: Callable                       # ModelSpec -> {"latency_ms", "gmacs", "params_m", ...}
+    teacher: list                           # [ObjectRef of the teacher's state_dict] (a list: not resolved by Tune)
+
+    @property
+    def in_process(self) -> bool:
+        return self.workers.num_workers == 1
 
 
-def run_trial(point: dict, ctx: SweepContext, teacher: list) -> None:
-    trial_id = tune.get_context().get_trial_id()
+class TrialReport:
+    """Adds what every report of a trial must carry to an epoch's metrics: the objectives, the
+    constraints, the latency (known before training) and the time spent working. Picklable: the
+    Train workers of a multi-worker trial apply it too, before `ray.train.report`."""
+
+    def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int):
+        self.latency, self.constraints = latency, constraints
+        self.static = {**latency, "schedule": schedule, "full_epochs": full_epochs}
+        self.t_start, self.work_s = time.time(), float(latency.get("latency_s", 0.0))
+
+    def __call__(self, metrics: dict) -> dict:
+        top1, latency_ms = metrics.get("val_top1", float("nan")), self.latency["latency_ms"]
+        self.work_s += metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
+        return {**metrics, **self.static, "top1": top1,
+                "constraint_violation": list(self.constraints.violation(top1, latency_ms)),
+                "feasible": self.constraints.feasible(top1, latency_ms),
+                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+
+
+def run_trial(config: dict, ctx: SweepContext) -> None:
+    job = apply_point(ctx.base_job, config)
     t0 = time.perf_counter()
-    job = apply_point(DistillJob.from_dict(ctx.base_job), point)
-    job.name = f"trial-{trial_id}"
-    outcome = fit(job, mode="distill", teacher=teacher[0], workers=ctx.workers, storage_path=ctx.storage_path,
-                  run_name=f"trial-{trial_id}", max_failures=1, callbacks=(TuneReportCallback(),))
-    params = {"point": point, "schedule": str(job.model.schedule), "reducer": job.model.schedule.reducer}
-    tags = {"sit.job": json.dumps(job.to_dict())}
-    if outcome.status != "ok":
-        tracking.log_trial(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, params,
-                           outcome.history, {}, status="FAILED", failure=outcome.failure, tags=tags)
-        raise TrialFailed(f"{job.model.schedule}: {outcome.failure or outcome.status}")
+    latency = {**ctx.latency(job.model), "latency_s": time.perf_counter() - t0}
+    extend = TrialReport(latency, ctx.constraints, str(job.model.schedule), job.train.epochs)
+    if ctx.in_process:
+        final = _train_here(job, ctx, extend)
+    else:
+        outcome = fit(job, mode="distill", teacher=ctx.teacher[0], workers=ctx.workers, storage_path=ctx.storage,
+                      run_name=f"trial-{tune.get_context().get_trial_id()}", max_failures=1,
+                      callbacks=(TuneReportCallback(),), extend_report=extend)
+        final = outcome.metrics
+        if outcome.status == "error":
+            raise TrialFailed(f"{job.model.schedule}: {outcome.failure}")
+    if final.get("status") != "ok":
+        raise TrialFailed(f"{job.model.schedule}: {final.get('failure') or final.get('status')}")
 
-    t_probe = time.perf_counter()
-    speed = probe(job.model, job.speed, cache_dir=ctx.speed_cache)
-    probe_s = time.perf_counter() - t_probe
-    m = outcome.metrics
-    work_s = sum(h.get("train_s", 0.0) + h.get("eval_s", 0.0) for h in outcome.history) + probe_s
-    wall_s = time.perf_counter() - t0
-    violation = [
-        (speed["latency_ms"] - ctx.max_latency_ms) if ctx.max_latency_ms is not None else 0.0,
-        (ctx.min_top1 - m["val_top1"]) if ctx.min_top1 is not None else 0.0,
-    ]
-    final = {
-        "top1": m["val_top1"], "test_top1": m.get("test_top1"), "latency_ms": speed["latency_ms"],
-        "latency_ms_std": speed["latency_ms_std"], "latency_ms_p90": speed["latency_ms_p90"],
-        "img_s": speed["img_s"], "gmacs": speed["gmacs"], "params_m": speed["params_m"],
-        "speedup": speed["speedup"], "flops_speedup": speed["flops_speedup"],
-        "teacher_latency_ms": speed["teacher_latency_ms"], "worker_nodes": m.get("worker_nodes", []),
-        "speed_cached": float(speed["cached"]), "feasible": all(v <= 0 for v in violation),
-        "constraint_violation": violation, "wall_s": wall_s, "work_s": work_s, "probe_s": probe_s,
-        "overhead_s": max(0.0, wall_s - work_s), "overhead_share": max(0.0, wall_s - work_s) / wall_s,
-        "status": "ok",
-    }
-    tags.update({"sit.weights": outcome.model_path or "", "sit.speed": json.dumps(speed["speed"]),
-                 "sit.feasible": str(final["feasible"]).lower(), "sit.worker_nodes": ",".join(final["worker_nodes"])})
-    run_id = tracking.log_trial(
-        ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial_id, params, outcome.history,
-        {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-        speed_record=speed["speed"], status="FINISHED", tags=tags)
-    tune.report({**final, "mlflow_run_id": run_id, "model_path": outcome.model_path,
-                 "schedule": str(job.model.schedule)})
+
+def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict:
+    """Distil in this process, one report (and checkpoint) per epoch; resumes from Tune's checkpoint."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    torch.set_num_threads(max(1, int(cpus)))
+    device = torch.device("cuda" if ctx.workers.use_gpu and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(job.train.seed)
+    splits = load_splits(job.data)
+    loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=device.type == "cuda")
+    task = distill_task(job, ray.get(ctx.teacher[0]))
+    trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
+    start_epoch = _restore(tune.get_checkpoint(), trainer)
+    last: dict = {}
+
+    def report(metrics: dict, is_last: bool) -> None:
+        nonlocal last
+        last = extend({**metrics, "resumed_from_epoch": start_epoch})
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({**trainer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(tmp, STATE_FILE))
+            torch.save(task.inference_model.state_dict(), os.path.join(tmp, MODEL_FILE))
+            tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+    run_epochs(trainer, loader, splits.val, splits.test, start_epoch=start_epoch, report=report)
+    return last
+
+
+def _restore(checkpoint: Optional[tune.Checkpoint], trainer: Trainer) -> int:
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+    trainer.load_state_dict(state)
+    return int(state["epoch"])

@@ -5,10 +5,9 @@ from a test file, so everything a worker runs lives in `sweeps`/`sit_core`.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
+from sit_core.config import override
 from sit_core.presets import get_preset, smoke
 
 RAY_CPUS = 2
@@ -19,11 +18,10 @@ def tiny_job(**train):
 
     `train` overrides fields of the distillation TrainSpec (e.g. epochs=2).
     """
-    job = smoke(get_preset("fmnist-cpu"))
-    job.data = dataclasses.replace(job.data, train_subset=256, val_subset=64, test_subset=64)
-    job.train = dataclasses.replace(job.train, max_steps_per_epoch=2, batch_size=32, **train)
-    job.teacher_train = dataclasses.replace(job.teacher_train, max_steps_per_epoch=2, batch_size=32)
-    return job
+    changes = {"data.train_subset": 256, "data.val_subset": 64, "data.test_subset": 64,
+               "train.max_steps_per_epoch": 2, "train.batch_size": 32, "train.epochs": 1,
+               "teacher_train.max_steps_per_epoch": 2, "teacher_train.batch_size": 32}
+    return override(smoke(get_preset("fmnist-cpu")), {**changes, **{f"train.{k}": v for k, v in train.items()}})
 
 
 def ray_env(mp: pytest.MonkeyPatch, lock_dir) -> None:
@@ -65,5 +63,8 @@ def storage(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    """Absolute teacher cache for one module."""
-    return str(tmp_path_factory.mktemp("teacher_cache").resolve())
+    """A private cache (teachers, decompressed data, latency tables) for one module, via SIT_CACHE_DIR."""
+    path = str(tmp_path_factory.mktemp("cache").resolve())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIT_CACHE_DIR", path)
+        yield path

@@ -1,4 +1,5 @@
-"""sit_core.data: IDX parsing, seeded splits, Fashion-MNIST and ImageFolder loading, clear errors."""
+"""sit_core.data: seeded splits, Fashion-MNIST through torchvision's reader, ImageFolder loading,
+augmentation, loaders, and one-line errors that name the path and the fix."""
 from __future__ import annotations
 
 import gzip
@@ -10,111 +11,46 @@ import torch
 
 from sit_core.data import (
     DEFAULT_FASHION_MNIST_DIR,
+    FASHION_MNIST_FILES,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
-    IDX_FILES,
     DataError,
     DataSpec,
     check_data,
     load_splits,
-    read_idx,
-    read_idx_header,
     split_indices,
+    train_loader,
 )
 
-_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B,
-          np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIT_CACHE_DIR", str(tmp_path / "cache"))  # decompressed files go here
 
 
 def write_idx(path, arr: np.ndarray, gz: bool = False) -> str:
-    """Write arr as an IDX file (big-endian payload), gzipped when gz."""
-    be = arr.dtype.newbyteorder(">") if arr.dtype.itemsize > 1 else arr.dtype
-    data = bytes([0, 0, _CODES[np.dtype(be)], arr.ndim])
-    data += np.asarray(arr.shape, dtype=">u4").tobytes() + arr.astype(be).tobytes()
-    path = str(path)
-    with (gzip.open if gz else open)(path, "wb") as f:
+    """Write a uint8 array as an IDX file (magic 0x0000 0x08 ndim, big-endian sizes), gzipped when gz."""
+    data = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes() + arr.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(str(path), "wb") as f:
         f.write(data)
-    return path
+    return str(path)
 
 
 def make_fake_fashion(root, n_train=50, n_test=20, side=28, num_classes=10, gz=True, seed=0):
     """A Fashion-MNIST-shaped IDX directory; image i is constant at 20 * label (checkable values)."""
     os.makedirs(root, exist_ok=True)
     rng = np.random.default_rng(seed)
+    names = dict(zip(("train_images", "train_labels", "test_images", "test_labels"), FASHION_MNIST_FILES))
     for split, n in (("train", n_train), ("test", n_test)):
         labels = (np.arange(n) % num_classes).astype(np.uint8)
         rng.shuffle(labels)
         images = np.broadcast_to((labels * 20)[:, None, None], (n, side, side)).astype(np.uint8)
         sfx = ".gz" if gz else ""
-        write_idx(os.path.join(root, IDX_FILES[f"{split}_images"] + sfx), images, gz)
-        write_idx(os.path.join(root, IDX_FILES[f"{split}_labels"] + sfx), labels, gz)
+        write_idx(os.path.join(root, names[f"{split}_images"] + sfx), images, gz)
+        write_idx(os.path.join(root, names[f"{split}_labels"] + sfx), labels, gz)
     return str(root)
 
 
-# ------------------------------------------------------------------------------------------ IDX
-@pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("arr", [
-    np.arange(7, dtype=np.uint8),                               # 1-D labels
-    np.arange(2 * 5 * 4, dtype=np.uint8).reshape(2, 5, 4),      # 3-D images
-    np.array([[-3, 70000], [1, 2]], dtype=np.int32),            # multi-byte, big-endian on disk
-    np.linspace(-1, 1, 6, dtype=np.float32).reshape(3, 2),
-])
-def test_read_idx_roundtrip(tmp_path, arr, gz):
-    path = write_idx(tmp_path / "a.idx", arr, gz)
-    out = read_idx(path)
-    assert out.shape == arr.shape and out.dtype == arr.dtype
-    np.testing.assert_array_equal(out, arr)
-    out[...] = 0  # writable, native byte order
-    dtype, shape = read_idx_header(path)
-    assert shape == arr.shape and dtype.itemsize == arr.dtype.itemsize
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_read_idx_bad_magic(tmp_path, gz):
-    path = str(tmp_path / "bad")
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(b"\x12\x34\x08\x01" + b"\x00" * 12)
-    for fn in (read_idx, read_idx_header):
-        with pytest.raises(DataError, match=r"bad.*magic"):
-            fn(path)
-
-
-def test_read_idx_unknown_dtype(tmp_path):
-    path = tmp_path / "bad"
-    path.write_bytes(b"\x00\x00\x07\x01\x00\x00\x00\x01\x05")
-    with pytest.raises(DataError, match="dtype code 0x07"):
-        read_idx(path)
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_read_idx_truncated_payload(tmp_path, gz):
-    arr = np.arange(100, dtype=np.uint8).reshape(4, 5, 5)
-    full = bytes([0, 0, 8, 3]) + np.asarray(arr.shape, ">u4").tobytes() + arr.tobytes()
-    path = str(tmp_path / "t")
-    with (gzip.open if gz else open)(path, "wb") as f:
-        f.write(full[:-10])  # a well-formed container whose IDX payload is short
-    for fn in (read_idx, read_idx_header):
-        with pytest.raises(DataError, match="truncated or corrupt") as e:
-            fn(path)
-        assert path in str(e.value) and "\n" not in str(e.value)
-
-
-def test_read_idx_truncated_gzip_stream(tmp_path):
-    path = write_idx(tmp_path / "a.gz", np.random.default_rng(0).integers(0, 255, (50, 28, 28), dtype=np.uint8), gz=True)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) // 2])  # a download cut in half
-    with pytest.raises(DataError, match=str(tmp_path)):
-        read_idx(path)
-    with pytest.raises(DataError):
-        read_idx_header(path)
-
-
-def test_read_idx_missing_file(tmp_path):
-    with pytest.raises(DataError, match="no such file"):
-        read_idx(tmp_path / "nope")
-
-
-# ---------------------------------------------------------------------------------------- splits
 def test_split_deterministic_disjoint_covering():
     tr, va = split_indices(1000, 0.1, seed=0)
     tr2, va2 = split_indices(1000, 0.1, seed=0)
@@ -144,29 +80,40 @@ def test_split_subsets_are_seeded_and_nested():
 @pytest.mark.parametrize("gz", [True, False])
 def test_fake_fashion_mnist_loads(tmp_path, gz):
     root = make_fake_fashion(tmp_path / "fm", gz=gz)
-    spec = DataSpec(root=root, img_size=16, val_fraction=0.2, seed=0)
-    summary = check_data(spec, num_classes=10)
-    assert (summary.num_classes, summary.n_train, summary.n_test) == (10, 50, 20)
+    spec = DataSpec(root=root, img_size=16, val_fraction=0.2, seed=0, augment=False)
+    assert check_data(spec, num_classes=10)[0] == "T-shirt/top"
     s = load_splits(spec)
     assert (len(s.train), len(s.val), len(s.test)) == (40, 10, 20)
-    assert s.num_classes == 10 and s.class_names[0] == "T-shirt/top" and len(s.class_names) == 10
-    assert s.mean == (FASHION_MNIST_MEAN,) and s.std == (FASHION_MNIST_STD,)
+    assert s.num_classes == 10 and len(s.class_names) == 10
     for ds in (s.train, s.val, s.test):
         x, y = ds[3]
         assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
         # Constant images stay constant through the resize: check the exact normalisation.
         expected = (20 * int(y) / 255 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
         torch.testing.assert_close(x, torch.full_like(x, expected), atol=1e-5, rtol=0)
-    # Same spec -> same split.
-    again = load_splits(spec)
+    again = load_splits(spec)  # same spec -> same split
     assert torch.equal(again.val.labels, s.val.labels) and torch.equal(again.train.images, s.train.images)
+
+
+def test_augmentation_shifts_and_flips_only_the_training_split(tmp_path):
+    root = make_fake_fashion(tmp_path / "fm")
+    torch.manual_seed(0)
+    s = load_splits(DataSpec(root=root, augment=True))
+    images = s.train.images.clone()
+    images[:, :, :, :14] = 0  # left half dark: a flip or a shift is visible
+    s.train.images = s.val.images = images
+    train = torch.stack([s.train[0][0] for _ in range(40)])
+    val = torch.stack([s.val[0][0] for _ in range(5)])
+    assert len({tuple(t.flatten().tolist()) for t in train}) > 1  # random shifts/flips differ
+    assert all(torch.equal(v, val[0]) for v in val)  # validation: no randomness
+    assert s.train[0][0].shape == (1, 28, 28)
 
 
 def test_fake_fashion_mnist_three_channels_and_subsets(tmp_path):
     root = make_fake_fashion(tmp_path / "fm")
     s = load_splits(DataSpec(root=root, img_size=8, in_chans=3, train_subset=7, val_subset=3, test_subset=4))
     assert (len(s.train), len(s.val), len(s.test)) == (7, 3, 4)
-    x, _ = s.train[0]
+    x, _ = s.val[0]
     assert x.shape == (3, 8, 8) and torch.equal(x[0], x[2])
     batch = next(iter(torch.utils.data.DataLoader(s.train, batch_size=5)))
     assert batch[0].shape == (5, 3, 8, 8) and batch[1].shape == (5,)
@@ -188,16 +135,24 @@ def test_missing_file_is_named(tmp_path):
         check_data(DataSpec(root=root))
 
 
-def test_count_mismatch_and_empty(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated_gzip", "labels_short", "not_idx"])
+def test_corrupt_files_are_one_line_errors(tmp_path, damage):
     root = make_fake_fashion(tmp_path / "fm")
-    write_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"), np.zeros(49, np.uint8), gz=True)
-    with pytest.raises(DataError, match="holds 50 images but .* holds 49 labels"):
-        check_data(DataSpec(root=root))
-    with pytest.raises(DataError, match="holds 50 images but .* holds 49 labels"):
+    labels = os.path.join(root, "train-labels-idx1-ubyte.gz")
+    if damage == "truncated_gzip":
+        raw = open(labels, "rb").read()
+        open(labels, "wb").write(raw[: len(raw) // 2])
+        match = "unreadable"
+    elif damage == "labels_short":
+        write_idx(labels, np.zeros(49, np.uint8), gz=True)
+        match = "50 images .* for 49 labels"
+    else:
+        with gzip.open(labels, "wb") as f:
+            f.write(b"\x12\x34\x08\x01" + b"\x00" * 60)
+        match = "not valid Fashion-MNIST IDX files"
+    with pytest.raises(DataError, match=match) as info:
         load_splits(DataSpec(root=root))
-    write_idx(os.path.join(root, "train-images-idx3-ubyte.gz"), np.zeros((0, 28, 28), np.uint8), gz=True)
-    with pytest.raises(DataError, match="holds no images"):
-        check_data(DataSpec(root=root))
+    assert "\n" not in str(info.value)
 
 
 def test_class_count_mismatch(tmp_path):
@@ -234,7 +189,7 @@ def make_image_tree(root, classes=("cat", "dog"), n_train=4, n_val=2):
 def test_image_folder_loads_with_deit_transforms(tmp_path):
     root = make_image_tree(tmp_path / "imgs")
     spec = DataSpec(kind="folder", root=root, img_size=16, in_chans=3, val_fraction=0.25)
-    assert check_data(spec, num_classes=2).class_names == ("cat", "dog")
+    assert check_data(spec, num_classes=2) == ("cat", "dog")
     s = load_splits(spec)
     assert (len(s.train), len(s.val), len(s.test)) == (6, 2, 4)
     assert s.num_classes == 2 and s.class_names == ("cat", "dog")
@@ -274,13 +229,21 @@ def test_real_fashion_mnist():
     if not os.path.isdir(DEFAULT_FASHION_MNIST_DIR):
         pytest.fail(f"{DEFAULT_FASHION_MNIST_DIR} is missing: install Debian's dataset-fashion-mnist "
                     "(apt-get install dataset-fashion-mnist)")
-    spec = DataSpec(img_size=32)
-    summary = check_data(spec, num_classes=10)
-    assert (summary.n_train, summary.n_test, summary.num_classes) == (60000, 10000, 10)
+    spec = DataSpec()
+    assert len(check_data(spec, num_classes=10)) == 10
     s = load_splits(spec)
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
-    assert s.train.images.shape == (54000, 1, 32, 32) and s.train.images.dtype == torch.uint8
+    assert s.train.images.shape == (54000, 1, 28, 28) and s.train.images.dtype == torch.uint8
     assert sorted(torch.unique(s.test.labels).tolist()) == list(range(10))
     # Normalised with the standard statistics: roughly zero mean, unit std.
-    x = torch.stack([s.train[i][0] for i in range(2000)])
+    x = torch.stack([s.val[i][0] for i in range(2000)])
     assert abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.1
+
+
+def test_loaders_use_workers_only_for_decoded_images(tmp_path):
+    fm = load_splits(DataSpec(root=make_fake_fashion(tmp_path / "fm")))
+    folder = load_splits(DataSpec(kind="folder", root=make_image_tree(tmp_path / "imgs"), img_size=16, in_chans=3))
+    assert train_loader(fm.train, 8, cpus=4).num_workers == 0          # in-memory tensors
+    loader = train_loader(folder.train, 2, cpus=4, pin_memory=True)
+    assert loader.num_workers == 3 and loader.persistent_workers and loader.pin_memory
+    assert train_loader(folder.train, 2, cpus=1).num_workers == 0       # nothing to spare

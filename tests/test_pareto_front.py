@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 
 from sweeps.pareto_front import (
+    Constraints,
     budget_pick,
-    feasibility,
     hypervolume,
     hypervolume_history,
     knee_point,
+    near_front,
     pareto_mask,
     plot_pareto,
 )
@@ -124,13 +125,25 @@ def test_history_is_monotone_and_ends_at_the_final_hypervolume(objectives):
     assert history["n_pareto"].iloc[-1] == pareto_mask(df, objectives).sum()
 
 
-def test_feasibility_marks_violations_and_non_finite_metrics():
+def test_constraints_mark_violations_and_non_finite_metrics():
     df = pd.DataFrame({
         "top1": [0.8, 0.6, np.nan, 0.9, 0.9], "latency_ms": [2.0, 1.0, 1.0, np.inf, 9.0],
     })
-    assert feasibility(df).tolist() == [True, True, False, False, True]
-    assert feasibility(df, max_latency_ms=5.0, min_top1=0.7).tolist() == [
-        True, False, False, False, False]
+    assert Constraints().column(df).tolist() == [True, True, False, False, True]
+    limits = Constraints(max_latency_ms=5.0, min_top1=0.7)
+    assert limits.column(df).tolist() == [True, False, False, False, False]
+    # the per-trial rule (what Optuna is told) is the same rule as the table's column
+    assert [limits.feasible(a, b) for a, b in zip(df["top1"], df["latency_ms"])] == limits.column(df).tolist()
+    assert limits.violation(0.6, 6.0) == pytest.approx((1.0, 0.1))
+
+
+def test_near_front_holds_the_front_and_points_within_tolerance():
+    df = pd.DataFrame({"top1": [90.0, 80.0, 79.0, 60.0, 89.0],
+                       "latency_ms": [10.0, 5.0, 5.1, 9.0, 10.2]})
+    near = near_front(df, OBJ2, tolerance=0.05)
+    # front: 0, 1; 2 and 4 are within 5% of a front point; 3 is far behind 1 (slower and less accurate)
+    assert pareto_mask(df, OBJ2).tolist() == [True, True, False, False, False]
+    assert near.tolist() == [True, True, True, False, True]
 
 
 def test_knee_point_and_budget_pick():
@@ -156,7 +169,8 @@ def test_budget_pick_ties_go_to_the_faster_trial():
 
 def test_plot_writes_a_png(tmp_path):
     df = random_table(1)
-    out = plot_pareto(df, OBJ3, tmp_path / "plots" / "front.png",
+    df["name"] = [f"trial {i}" for i in range(len(df))]
+    out = plot_pareto(df, OBJ3, tmp_path / "plots" / "front.png", label_col="name",
                       reference_point={"top1": 1.0, "latency_ms": 4.5, "label": "teacher"})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import search_spaces
-from search_spaces.common import depth_of, num_patches_of
+from search_spaces import SearchSpace, warm_starts
 from sit_core.lvvit import SIT_LVVIT_SCHEDULES
 from sit_core.presets import get_preset, smoke
 
@@ -47,7 +47,7 @@ def job_for(preset):
 
 def sample(job, reducers, sampler, n=N_POINTS):
     """n configs as Tune would get them, the study told a made-up result after each (so TPE models)."""
-    space = search_spaces.for_job(job).space(job, reducers)
+    space = SearchSpace.for_job(job, reducers)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     configs = []
     for i in range(n):
@@ -86,7 +86,7 @@ def build(job, preset):
 
 def check_point(base, config, reducers, preset, *, build_model):
     job = search_spaces.apply_point(base, config)    # raises on any schedule the model cannot run
-    depth, patches = depth_of(base), num_patches_of(base)
+    depth, patches = base.model.geometry().depth, base.model.geometry().num_patches
     sched = job.model.schedule
     assert 1 <= len(sched.positions) <= 3
     assert all(1 <= p <= depth - 1 for p in sched.positions)
@@ -131,8 +131,7 @@ def test_every_sampled_point_is_a_valid_candidate(preset, reducers, sampler_name
 
 def test_keep_floor_leaves_a_token_on_tiny_grids():
     """A 4x4-patch model with 3 stages: the floor of keep rises so that 0.3**3 * 16 < 1 never happens."""
-    from search_spaces.common import SpaceBounds, define_space
-    space = define_space(depth=4, num_patches=16, bounds=SpaceBounds(reducers=("tsm",)))
+    space = SearchSpace(depth=4, num_patches=16)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(300):
         trial = study.ask()
@@ -147,7 +146,7 @@ def test_keep_floor_leaves_a_token_on_tiny_grids():
 
 def enqueue_and_sample(job, reducers, points):
     """Enqueue the warm starts as Ray's OptunaSearch does; the space must reproduce them exactly."""
-    space = search_spaces.for_job(job).space(job, reducers)
+    space = SearchSpace.for_job(job, reducers)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.TPESampler(seed=0))
     for point in points:
@@ -169,7 +168,7 @@ def schedule_of(job, point):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_warm_starts_are_in_the_space(preset, reducers):
     job = job_for(preset)
-    points = search_spaces.for_job(job).warm_starts(job, reducers)
+    points = warm_starts(job, SearchSpace.for_job(job, reducers))
     assert points
     got = enqueue_and_sample(job, reducers, points)
     for point, sampled in zip(points, got):
@@ -190,36 +189,37 @@ def test_warm_starts_are_in_the_space(preset, reducers):
 def test_deit_warm_starts_hold_the_spec_schedule(preset):
     job = get_preset(preset)
     schedules = {(s.positions, s.keep, s.reducer)
-                 for s in (schedule_of(job, p) for p in search_spaces.for_job(job).warm_starts(job))}
+                 for s in (schedule_of(job, p) for p in warm_starts(job, SearchSpace.for_job(job)))}
     assert ((3, 6, 9), (0.7, 0.7, 0.7), "tsm") in schedules          # SPEC's DeiT schedule
     assert ((1, 2, 3), (0.5, 0.5, 0.5), "tsm") in schedules          # SiT's reference slimming
-    assert schedule_of(job, search_spaces.for_job(job).warm_starts(job)[0]) == job.model.schedule
+    assert schedule_of(job, warm_starts(job, SearchSpace.for_job(job))[0]) == job.model.schedule
 
 
 @pytest.mark.parametrize("preset", ["lvvit-small-imagenet", "lvvit-tiny-imagenet", "lvvit-medium-imagenet",
                                     "lvvit-large-imagenet"])
 def test_lvvit_warm_starts_hold_the_table_rows(preset):
     job = get_preset(preset)
-    depth = depth_of(job)
+    depth = job.model.geometry().depth
     schedules = {(s.positions, s.keep) for s in
-                 (schedule_of(job, p) for p in search_spaces.for_job(job).warm_starts(job))}
-    expected = {(row.tsm_after, (row.keep_ratio,) * len(row.tsm_after))
-                for row in SIT_LVVIT_SCHEDULES.values() if max(row.tsm_after) <= depth - 1}
-    assert schedules == expected
+                 (schedule_of(job, p) for p in warm_starts(job, SearchSpace.for_job(job)))}
+    table_rows = {(row.tsm_after, (row.keep_ratio,) * len(row.tsm_after))
+                  for row in SIT_LVVIT_SCHEDULES.values() if max(row.tsm_after) <= depth - 1}
+    deit_scaled = (tuple(p * depth // 12 for p in (3, 6, 9)), (0.7,) * 3)
+    assert schedules == table_rows | {deit_scaled}
     # the preset's own row (its student) is always among them
     assert (job.model.schedule.positions, job.model.schedule.keep) in schedules
     if preset == "lvvit-small-imagenet":
-        assert schedules == {((1, 2, 3), (0.5,) * 3), ((9, 12, 14), (0.5,) * 3)}
+        assert schedules == {((1, 2, 3), (0.5,) * 3), ((9, 12, 14), (0.5,) * 3), ((4, 8, 12), (0.7,) * 3)}
 
 
 def test_fmnist_warm_starts_fit_the_small_model():
     job = job_for("fmnist-cpu")  # depth 4: quarter/half/three-quarter depth is 1, 2, 3
     schedules = {(s.positions, s.keep) for s in
-                 (schedule_of(job, p) for p in search_spaces.for_job(job).warm_starts(job))}
+                 (schedule_of(job, p) for p in warm_starts(job, SearchSpace.for_job(job)))}
     assert schedules == {((1, 2, 3), (0.7,) * 3), ((1, 2, 3), (0.5,) * 3)}
     full = get_preset("fmnist-cpu")  # depth 6
     schedules = {(s.positions, s.keep) for s in
-                 (schedule_of(full, p) for p in search_spaces.for_job(full).warm_starts(full))}
+                 (schedule_of(full, p) for p in warm_starts(full, SearchSpace.for_job(full)))}
     assert schedules == {((1, 3, 4), (0.7,) * 3), ((1, 2, 3), (0.5,) * 3)}
 
 
@@ -229,7 +229,7 @@ def test_single_peer_reducer_is_searched():
     for reducer in ("drop", "merge"):
         configs = sample(job, (reducer,), optuna.samplers.RandomSampler(seed=0), n=5)
         assert {schedule_of(job, c).reducer for c in configs} == {reducer}
-        warm = search_spaces.for_job(job).warm_starts(job, (reducer,))
+        warm = warm_starts(job, SearchSpace.for_job(job, (reducer,)))
         assert {schedule_of(job, p).reducer for p in warm} == {reducer}
 
 
@@ -238,8 +238,7 @@ def test_single_peer_reducer_is_searched():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_space_pickles(preset):
     job = job_for(preset)
-    family = search_spaces.for_job(job)
-    space = family.space(job, ("tsm", "drop"))
+    space = SearchSpace.for_job(job, ("tsm", "drop"))
     clone = pickle.loads(pickle.dumps(space))
     assert clone == space
     # the clone defines the same distributions: the same seed gives the same points
@@ -253,10 +252,10 @@ def test_space_pickles(preset):
         keep = math.prod(b[-1][f"keep_{s + 1}"] for s in range(b[-1]["n_stages"]))
         study.tell(t, [50 + 40 * keep, 1 + 9 * keep])
     assert a == b
-    pickle.loads(pickle.dumps(family.warm_starts(job, ("tsm",))))
 
 
-def test_families():
-    assert search_spaces.family_of(get_preset("lvvit-small-imagenet")) == "lvvit"
-    assert search_spaces.family_of(get_preset("deit-small-imagenet")) == "vit"
-    assert search_spaces.family_of(get_preset("fmnist-cpu")) == "vit"
+def test_apply_point_refuses_a_schedule_the_model_cannot_run():
+    job = job_for("fmnist-cpu")  # depth 4
+    point = warm_starts(job, SearchSpace.for_job(job))[0]
+    with pytest.raises(ValueError, match="out of range"):
+        search_spaces.apply_point(job, {**point, "pos_3": 4})

@@ -9,31 +9,30 @@ from mlflow import MlflowClient
 from sweeps import tracking
 
 EPOCHS = 3
-SPEED = {"p50_ms": 12.5, "img_s": 410.0, "device": "cpu", "dtype": "float32", "batch_size": 8,
-         "img_size": (32, 32), "channels_last": False}
+T0 = 1_700_000_000_000  # epoch results arrive a minute apart
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """One store, one sweep: trials a, b (finished), c (failed). Shared: MLflow setup costs seconds."""
+    """One store, one sweep: trials a, b (finished), c (failed after one epoch), d (stopped early).
+    Driven as the sweep's Tune callback drives it: start, one log per epoch as it arrives, end."""
     out = tmp_path_factory.mktemp("sweep")
     uri = tracking.default_tracking_uri(out)
     exp = tracking.ensure_experiment(uri, "sit-test")
     parent = tracking.start_parent_run(uri, exp, "sweep-1", {"budget": {"trials": 3}}, {"k": "v"})
     children = {}
-    for i, tid in enumerate(["a", "b", "c"]):
-        failed = tid == "c"
-        epochs = [{"epoch": e, "top1": 0.1 * (e + i), "loss": 1.0 / (e + 1), "host": "n1"}
-                  for e in range(1 if failed else EPOCHS)]
-        children[tid] = tracking.log_trial(
-            uri, exp, parent, tid,
-            params={"model": {"schedule": {"keep": 0.5 + 0.1 * i}, "name": "vit"}, "lr": 1e-3},
-            epoch_metrics=epochs,
-            final_metrics={} if failed else {"top1": 0.5 + 0.1 * i, "latency_ms": 10.0 - i},
-            speed_record=None if failed else SPEED,
-            status="FAILED" if failed else "FINISHED",
-            failure="RuntimeError: out of memory" if failed else None,
-            tags={"sit.sweep_id": "sweep-1"})
+    for i, tid in enumerate(["a", "b", "c", "d"]):
+        run = tracking.start_trial_run(uri, exp, parent, tid, f"tsm 2,4@0.{5 + i} #{i}",
+                                       params={"model": {"schedule": {"keep": 0.5 + 0.1 * i}, "name": "vit"}, "lr": 1e-3},
+                                       tags={"sit.trial_number": i})
+        epochs = 1 if tid in ("c", "d") else EPOCHS
+        for e in range(1, epochs + 1):
+            tracking.log_epoch(uri, run, {"top1": 0.1 * (e + i), "latency_ms": 10.0 - i, "loss": 1.0 / e, "host": "n1",
+                                          "feasible": True}, step=e, timestamp_ms=T0 + 60_000 * e)
+        status = {"c": "FAILED", "d": "KILLED"}.get(tid, "FINISHED")
+        tracking.end_trial_run(uri, run, status, failure="RuntimeError: out of memory" if tid == "c" else None,
+                               tags={"sit.checkpoint": f"/ckpt/{tid}"})
+        children[tid] = run
     return {"uri": uri, "exp": exp, "parent": parent, "children": children, "out": out,
             "client": MlflowClient(uri)}
 
@@ -65,50 +64,51 @@ def test_children_are_nested_under_the_parent(sweep):
     assert {r.info.run_id for r in runs} == set(sweep["children"].values())
 
 
-def test_epoch_history_has_one_point_per_epoch(sweep):
-    history = sweep["client"].get_metric_history(sweep["children"]["a"], "loss")
-    assert sorted(m.step for m in history) == list(range(EPOCHS))
+def test_epoch_history_has_one_point_per_epoch_with_its_real_time(sweep):
+    history = sorted(sweep["client"].get_metric_history(sweep["children"]["a"], "loss"), key=lambda m: m.step)
+    assert [m.step for m in history] == list(range(1, EPOCHS + 1))
+    assert [m.timestamp for m in history] == [T0 + 60_000 * e for e in range(1, EPOCHS + 1)]
+    run = sweep["client"].get_run(sweep["children"]["a"])
+    assert "host" not in run.data.metrics and "feasible" not in run.data.metrics  # not numbers
+    assert run.data.metrics["top1"] == pytest.approx(0.3)  # the latest epoch's value
 
 
-def test_final_metric_wins_over_last_epoch_value(sweep):
-    run = sweep["client"].get_run(sweep["children"]["b"])
-    assert run.data.metrics["top1"] == pytest.approx(0.6)  # final, not the last epoch's 0.3
-    assert "host" not in run.data.metrics
+def test_runs_are_named_and_end_with_their_status(sweep):
+    runs = {t: sweep["client"].get_run(r) for t, r in sweep["children"].items()}
+    assert runs["a"].info.run_name == "tsm 2,4@0.5 #0"
+    assert {t: r.info.status for t, r in runs.items()} == {"a": "FINISHED", "b": "FINISHED", "c": "FAILED",
+                                                            "d": "KILLED"}
+    assert runs["c"].data.tags["sit.failure"] == "RuntimeError: out of memory"
+    assert runs["d"].data.tags["sit.checkpoint"] == "/ckpt/d"
+    assert all(r.info.end_time >= r.info.start_time for r in runs.values())
 
 
-def test_failed_trial_has_status_and_reason(sweep):
-    run = sweep["client"].get_run(sweep["children"]["c"])
-    assert run.info.status == "FAILED"
-    assert run.data.tags["sit.failure"] == "RuntimeError: out of memory"
+def test_a_run_is_live_while_its_trial_trains(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "live")
+    parent = tracking.start_parent_run(uri, exp, "s", {}, {})
+    run = tracking.start_trial_run(uri, exp, parent, "t", "tsm 1@0.5 #0", params={"lr": 0.1})
+    tracking.log_epoch(uri, run, {"top1": 50.0}, step=1)
+    live = MlflowClient(uri).get_run(run)
+    assert live.info.status == "RUNNING" and live.data.metrics["top1"] == 50.0
 
 
-def test_speed_record_splits_into_params_and_metrics(sweep):
-    data = sweep["client"].get_run(sweep["children"]["a"]).data
-    assert data.metrics["speed.p50_ms"] == SPEED["p50_ms"]
-    assert data.params["speed.device"] == "cpu"
-    assert json.loads(data.params["speed.img_size"]) == list(SPEED["img_size"])
-
-
-def test_relogging_a_trial_reuses_its_run(sweep):
-    again = tracking.log_trial(sweep["uri"], sweep["exp"], sweep["parent"], "a", {"lr": 1e-3},
-                               [{"epoch": 0, "top1": 0.0}], {"top1": 0.0})
-    assert again == sweep["children"]["a"]
-    assert len(sweep["client"].get_metric_history(again, "top1")) == EPOCHS + 1  # nothing added
-
-
-def test_retry_of_a_failed_trial_completes_the_same_run(tmp_path):
+def test_a_resumed_trial_reopens_its_run_and_logs_no_step_twice(tmp_path):
     uri = tracking.default_tracking_uri(tmp_path)
     exp = tracking.ensure_experiment(uri, "retry")
     parent = tracking.start_parent_run(uri, exp, "s", {}, {})
-    first = tracking.log_trial(uri, exp, parent, "t", {"lr": 0.1}, [{"epoch": 0, "loss": 2.0}],
-                               {}, status="FAILED", failure="boom")
-    second = tracking.log_trial(uri, exp, parent, "t", {"lr": 0.1},
-                                [{"epoch": 0, "loss": 9.0}, {"epoch": 1, "loss": 1.0}], {"top1": 0.7})
+    first = tracking.start_trial_run(uri, exp, parent, "t", "tsm 1@0.5 #0", params={"lr": 0.1})
+    tracking.log_epoch(uri, first, {"loss": 2.0}, step=1)
+    tracking.end_trial_run(uri, first, "FAILED", failure="boom")
+    second = tracking.start_trial_run(uri, exp, parent, "t", "tsm 1@0.5 #0", params={"lr": 0.1})
+    assert second == first and MlflowClient(uri).get_run(second).info.status == "RUNNING"
+    for step, loss in ((1, 9.0), (2, 1.0)):  # epoch 1 replayed from the checkpoint, then epoch 2
+        tracking.log_epoch(uri, second, {"loss": loss}, step=step)
+    tracking.end_trial_run(uri, second, "FINISHED")
     run = MlflowClient(uri).get_run(second)
-    assert second == first and run.info.status == "FINISHED"
-    assert "sit.failure" not in run.data.tags
+    assert run.info.status == "FINISHED" and "sit.failure" not in run.data.tags
     history = {m.step: m.value for m in MlflowClient(uri).get_metric_history(second, "loss")}
-    assert history == {0: 2.0, 1: 1.0}  # epoch 0 kept from the first attempt
+    assert history == {1: 2.0, 2: 1.0}  # epoch 1 kept from the first attempt
     # A resumed sweep reopens its parent run rather than making a second one.
     MlflowClient(uri).set_terminated(parent, "KILLED")
     assert tracking.start_parent_run(uri, exp, "s", {"new": 1}, {}) == parent
@@ -121,35 +121,39 @@ def test_pareto_tags(sweep):
     ids = sweep["children"]
     tracking.tag_pareto(sweep["uri"], sweep["parent"], list(ids.values()), {ids["b"]})
     tags = {t: sweep["client"].get_run(r).data.tags["sit.pareto"] for t, r in ids.items()}
-    assert tags == {"a": "false", "b": "true", "c": "false"}
+    assert tags == {"a": "false", "b": "true", "c": "false", "d": "false"}
     with pytest.raises(ValueError, match="trial ids"):
         tracking.tag_pareto(sweep["uri"], sweep["parent"], list(ids.values()), {"b"})
 
 
-def test_parent_summary_artifacts_and_hypervolume_series(sweep, tmp_path):
+def test_parent_summary_artifacts_and_hypervolume_history_only(sweep, tmp_path):
     csv, png = tmp_path / "pareto.csv", tmp_path / "pareto.png"
     pd.DataFrame({"trial_id": ["b"], "top1": [0.6]}).to_csv(csv, index=False)
     png.write_bytes(b"\x89PNG\r\n\x1a\n")
-    hv = pd.DataFrame({"trial_number": [0, 1, 2], "hypervolume": [0.1, 0.3, 0.3],
-                       "n_pareto": [1, 2, 2]})
+    hv = pd.DataFrame({"trial_number": [0, 1, 2], "hypervolume": [0.1, 0.3, 0.3], "n_pareto": [1, 2, 2],
+                       "finished_ms": [T0 + 1000, T0 + 2000, T0 + 3000]})
+    hv_csv = tmp_path / "hypervolume_history.csv"
+    hv.to_csv(hv_csv, index=False)
     for _ in range(2):  # a resumed sweep logs its summary again: no duplicate points
-        tracking.log_parent_summary(sweep["uri"], sweep["parent"], csv, png, hv, {"n_trials": 3})
+        tracking.log_parent_summary(sweep["uri"], sweep["parent"], [csv, png, hv_csv], hv, {"n_trials": 3})
     client = sweep["client"]
     names = {f.path for f in client.list_artifacts(sweep["parent"])}
     assert names == {"pareto.csv", "pareto.png", "hypervolume_history.csv"}
-    history = client.get_metric_history(sweep["parent"], "hypervolume")
-    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == \
-        [(i + 1, v) for i, v in enumerate(hv["hypervolume"])]
+    history = sorted(client.get_metric_history(sweep["parent"], "hypervolume"), key=lambda m: m.step)
+    # no step-0 summary value: the series starts at the first trial and ends at the final value
+    assert [(m.step, m.value, m.timestamp) for m in history] == \
+        [(i + 1, v, t) for i, (v, t) in enumerate(zip(hv["hypervolume"], hv["finished_ms"]))]
     assert client.get_run(sweep["parent"]).data.metrics["hypervolume"] == hv["hypervolume"].iloc[-1]
 
 
 def test_trial_table_round_trips(sweep):
     table = tracking.trial_table(sweep["uri"], sweep["exp"], sweep["parent"]).set_index("tags.sit.trial_id")
-    assert set(table.index) == {"a", "b", "c"}
+    assert set(table.index) == {"a", "b", "c", "d"}
     assert table.loc["a", "run_id"] == sweep["children"]["a"]
     assert float(table.loc["b", "params.model.schedule.keep"]) == pytest.approx(0.6)
     assert table.loc["b", "params.model.name"] == "vit"
     assert table.loc["b", "metrics.latency_ms"] == pytest.approx(9.0)
+    assert table.loc["d", "status"] == "KILLED"
     assert table.loc["c", "status"] == "FAILED"
 
 

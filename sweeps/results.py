@@ -1,0 +1,94 @@
+"""The sweep's trial table: built once from Tune's results, its feasibility and Pareto columns
+computed once. The MLflow tags, the plots, the cards and the printout all read this table; the
+standalone export rebuilds the same table from MLflow (`from_mlflow`).
+
+One row per started trial: its point, last reported metrics, status (ok | stopped | failed),
+whether it trained its full budget, `feasible` (constraints met, full budget, finite objectives),
+`pareto` (on the front of the feasible rows) and, after confirmation, measured latency.
+"""
+from __future__ import annotations
+
+import json
+from typing import Mapping, Optional
+
+import numpy as np
+import pandas as pd
+
+from . import pareto_front
+from .pareto_front import Constraints
+
+SHOWN = ["trial_number", "label", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
+         "speedup_measured", "gmacs", "epoch", "status", "feasible", "pareto"]
+
+
+def label(config: Mapping, number: Optional[int] = None) -> str:
+    """What a trial is, for people: `tsm 3,6,9@0.7 #12`."""
+    n = int(config.get("n_stages", 0))
+    positions = ",".join(str(int(config[f"pos_{i + 1}"])) for i in range(n))
+    keeps = [f"{float(config[f'keep_{i + 1}']):g}" for i in range(n)]
+    keep = keeps[0] if len(set(keeps)) == 1 else ",".join(keeps)
+    return f"{config.get('reducer', 'tsm')} {positions}@{keep}" + (f" #{number}" if number is not None else "")
+
+
+def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: Mapping[str, str],
+          constraints: Constraints) -> pd.DataFrame:
+    """`tune_frame`: `ResultGrid.get_dataframe()` (last result of each trial that reported).
+    `trials`: what the driver saw of every started trial, by trial id: `number`, `config`, `error`,
+    `stopped` (by the scheduler), `wall_s`, `run_id`, `checkpoint` (path of the last one)."""
+    seen = pd.DataFrame([{"trial_id": tid, **info} for tid, info in trials.items()])
+    if seen.empty:
+        seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "run_id", "checkpoint"])
+    frame = tune_frame.drop(columns=[c for c in tune_frame.columns if c.startswith("config/")], errors="ignore")
+    table = seen.merge(frame, on="trial_id", how="left").rename(columns={"number": "trial_number"})
+    table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
+    epoch = pd.to_numeric(table.get("epoch"), errors="coerce")
+    full = pd.to_numeric(table.get("full_epochs"), errors="coerce")
+    table["full_budget"] = (epoch >= full).fillna(False).astype(bool)
+    table["status"] = np.select([table["error"].notna(), table["stopped"].fillna(False).astype(bool)],
+                                ["failed", "stopped"], "ok")
+    for col in ("top1", "latency_ms", "gmacs", "test_top1"):
+        table[col] = pd.to_numeric(table.get(col), errors="coerce")
+    return mark(table, objectives, constraints).sort_values("trial_number", kind="stable").reset_index(drop=True)
+
+
+def mark(table: pd.DataFrame, objectives: Mapping[str, str], constraints: Constraints,
+         latency_col: str = "latency_ms") -> pd.DataFrame:
+    """(Re)compute `feasible` and `pareto`: only full-budget, successful trials meeting the
+    constraints can be on the front. Called once on predicted latency, once after confirmation."""
+    table = table.copy()
+    table["feasible"] = (constraints.column(table, latency_col=latency_col) & table["full_budget"]
+                         & table["status"].eq("ok"))
+    objective_cols = {(latency_col if c == "latency_ms" else c): d for c, d in objectives.items()}
+    table["pareto"] = pareto_front.pareto_mask(table, objective_cols)
+    return table
+
+
+def reference_point(objectives: Mapping[str, str], teacher: Mapping[str, float], num_classes: int) -> dict:
+    """Chance accuracy and the teacher's cost: a candidate counts only if better than guessing and
+    cheaper than the model it replaces."""
+    ref = {"top1": 100.0 / num_classes, "latency_ms": teacher["latency_ms"], "gmacs": teacher["gmacs"]}
+    return {k: ref[k] for k in objectives}
+
+
+def printable(table: pd.DataFrame) -> str:
+    cols = [c for c in SHOWN if c in table.columns]
+    with pd.option_context("display.width", 220, "display.max_columns", 30):
+        return table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
+
+
+def from_mlflow(runs: pd.DataFrame, objectives: Mapping[str, str], constraints: Constraints) -> pd.DataFrame:
+    """The same table from a finished sweep's MLflow child runs (`tracking.trial_table`), for the
+    standalone export: the last logged value of each metric, the point from the params."""
+    table = pd.DataFrame({"trial_id": runs["tags.sit.trial_id"], "run_id": runs["run_id"]})
+    for col in runs.columns:
+        if col.startswith("metrics."):
+            table[col.removeprefix("metrics.")] = pd.to_numeric(runs[col], errors="coerce")
+    table["config"] = [json.loads(p) if isinstance(p, str) else {} for p in runs.get("tags.sit.point", [None] * len(runs))]
+    table["trial_number"] = pd.to_numeric(runs.get("tags.sit.trial_number"), errors="coerce")
+    table["checkpoint"] = runs.get("tags.sit.checkpoint")
+    table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
+    status = runs["status"].map({"FINISHED": "ok", "KILLED": "stopped"}).fillna("failed")
+    table["status"] = status
+    table["full_budget"] = (table.get("epoch") >= table.get("full_epochs")).fillna(False).astype(bool)
+    latency_col = "latency_measured_ms" if "latency_measured_ms" in table and table["latency_measured_ms"].notna().any() else "latency_ms"
+    return mark(table, objectives, constraints, latency_col=latency_col)
