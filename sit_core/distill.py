@@ -1,8 +1,12 @@
 """Everything that exists only for training: the distillation wrapper and student-from-teacher.
 
-`FRDDistiller(student, teacher)` holds the student, the frozen teacher and one RTSM per block
-whose tokens were slimmed; its forward returns what `FRDLoss` needs. The inference model the
-registry returns never contains an RTSM, a tap or a teacher.
+`FRDDistiller(student, teacher)` holds the student, the frozen teacher and one RTSM per block from
+the first reducing block on (SPEC "RTSM"); its forward returns what `FRDLoss` needs. Per-block
+tokens come from timm's own `forward_intermediates` (NLC, before the final norm, prefix tokens
+split off), which follows the slimmed token counts: at a TSM block it yields the TSM's output, so
+block -> TSM -> RTSM is compared with the teacher's block output and every TSM trains as the
+encoder of a TSM/RTSM auto-encoder. The inference model the registry returns never contains an
+RTSM, a tap or a teacher.
 """
 from __future__ import annotations
 
@@ -14,13 +18,13 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from .patch import model_geometry, tokens_per_block
-from .slimming import ReverseTokenSlimming
+from .patch import model_geometry, slim_schedule, tokens_leaving_block
+from .slimming import ReverseTokenSlimming, TokenSlimming
 
 
 class FRDOutput(NamedTuple):  # NamedTuple: DDP walks tuples when it looks for output tensors
     student_logits: torch.Tensor
-    student_tokens: list  # per block, (B, N, C): recovered by that block's RTSM when slimmed
+    student_tokens: list  # per block, (B, N, C): recovered by that block's RTSM from the first reducing block on
     teacher_logits: torch.Tensor
     teacher_tokens: list  # per block, (B, N, C): raw block outputs, patch tokens only
 
@@ -33,28 +37,19 @@ class FRDDistiller(nn.Module):
         s_geo, t_geo = model_geometry(student), model_geometry(teacher)
         if s_geo != t_geo:
             raise ValueError(f"student (depth, patches, prefix, dim)={s_geo} does not match teacher {t_geo}")
-        if getattr(teacher, "slim_schedule", None) is not None and not teacher.slim_schedule.is_identity:
+        if not slim_schedule(teacher).is_identity:
             raise ValueError("the teacher must be the plain backbone, without token reducers")
-        depth, num_patches, self.num_prefix, dim = s_geo
+        depth, num_patches, _, dim = s_geo
         self.student, self.teacher = student, teacher.requires_grad_(False).eval()
+        reducing = slim_schedule(student).reducing_blocks(depth)
+        leaving = tokens_leaving_block(student)
+        like = next(student.parameters())
+        # One RTSM per block from the first reducing block on, that block included (official SiT:
+        # rtsm[i] maps the tokens LEAVING block i, after its TSM, back to all patches).
         self.rtsm = nn.ModuleDict({
-            str(i + 1): ReverseTokenSlimming(dim, n, num_patches)
-            for i, n in enumerate(tokens_per_block(student)) if n != num_patches
+            str(i): ReverseTokenSlimming(dim, leaving[i - 1], num_patches).to(like.device, like.dtype)
+            for i in range(reducing[0] if reducing else depth + 1, depth + 1)
         })
-        self._student_taps: list = []
-        self._teacher_taps: list = []
-        self._recording = False  # the student may also run alone (eval): taps only inside forward
-        for block in student.blocks:
-            if hasattr(block, "slim"):  # tap what enters the reducer: the block's raw output
-                block.slim.register_forward_pre_hook(lambda m, args: self._tap(self._student_taps, args[0]))
-            else:
-                block.register_forward_hook(lambda m, args, out: self._tap(self._student_taps, out))
-        for block in teacher.blocks:
-            block.register_forward_hook(lambda m, args, out: self._tap(self._teacher_taps, out))
-
-    def _tap(self, taps: list, tokens: torch.Tensor) -> None:
-        if self._recording:
-            taps.append(tokens)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -62,34 +57,37 @@ class FRDDistiller(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> FRDOutput:
-        p = self.num_prefix
-        self._student_taps.clear()
-        self._teacher_taps.clear()
-        self._recording = True
-        try:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
-            student_logits = self.student(x)
-        finally:
-            self._recording = False
-        student_tokens = [
-            self.rtsm[str(i + 1)](t[:, p:]) if str(i + 1) in self.rtsm else t[:, p:]
-            for i, t in enumerate(self._student_taps)
-        ]
-        teacher_tokens = [t[:, p:] for t in self._teacher_taps]
-        self._student_taps.clear()
-        self._teacher_taps.clear()
+        with torch.no_grad():
+            teacher_logits, teacher_tokens = _logits_and_block_tokens(self.teacher, x)
+        student_logits, student_tokens = _logits_and_block_tokens(self.student, x)
+        student_tokens = [self.rtsm[str(i)](t) if str(i) in self.rtsm else t
+                          for i, t in enumerate(student_tokens, start=1)]
         return FRDOutput(student_logits, student_tokens, teacher_logits, teacher_tokens)
 
     def param_groups(self, lr: float, weight_decay: float, rtsm_lr_mult: float = 5.0) -> list[dict]:
-        """AdamW groups (timm's weight-decay split): student + TSM at `lr`, RTSMs at `lr * rtsm_lr_mult`."""
-        skip = set(getattr(self.student, "no_weight_decay", set)())  # pos_embed, cls_token...
-        groups = []
-        for name, module, mult, no_wd in (("student", self.student, 1.0, skip), ("rtsm", self.rtsm, rtsm_lr_mult, ())):
-            for group in param_groups_weight_decay(module, weight_decay, no_weight_decay_list=no_wd):
-                groups.append({**group, "name": f"{name}_{'decay' if group['weight_decay'] else 'no_decay'}",
-                               "lr": lr * mult})
-        return groups
+        """AdamW groups as the official SiT recipe (its `get_param_groups`).
+
+        - `student_decay` / `student_no_decay` at `lr`: timm's split (no decay for biases, norms and
+          the model's `no_weight_decay()`: pos_embed, cls_token, ...), except the TSM scale, which
+          the official code decays (its shape there is (1, 1, 1), so its 1-D rule misses it);
+        - `rtsm` at `lr * rtsm_lr_mult`: ALL RTSM parameters, weight-decayed.
+        """
+        skip = set(getattr(self.student, "no_weight_decay", set)())
+        scales = {id(m.scale) for m in self.student.modules() if isinstance(m, TokenSlimming)}
+        decay, no_decay = [], []
+        for group in param_groups_weight_decay(self.student, weight_decay, no_weight_decay_list=skip):
+            for p in group["params"]:
+                (decay if group["weight_decay"] or id(p) in scales else no_decay).append(p)
+        groups = [("student_decay", decay, lr, weight_decay), ("student_no_decay", no_decay, lr, 0.0),
+                  ("rtsm", list(self.rtsm.parameters()), lr * rtsm_lr_mult, weight_decay)]
+        return [{"params": params, "lr": group_lr, "weight_decay": wd, "name": name}
+                for name, params, group_lr, wd in groups if params]
+
+
+def _logits_and_block_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """Logits and every block's raw output (patch tokens, NLC), in one forward through timm's API."""
+    final, tokens = model.forward_intermediates(x, norm=False, output_fmt="NLC")
+    return model.forward_head(final), tokens
 
 
 @dataclass(frozen=True)

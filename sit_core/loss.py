@@ -30,10 +30,7 @@ class FRDLoss(nn.Module):
                 target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(student_tokens) != len(teacher_tokens):
             raise ValueError(f"{len(student_tokens)} student token maps for {len(teacher_tokens)} teacher blocks")
-        if target.dim() == 2:  # soft targets (mixup / cutmix)
-            cls = torch.sum(-target * F.log_softmax(student_logits, dim=-1), dim=-1).mean()
-        else:
-            cls = F.cross_entropy(student_logits, target)
+        cls = F.cross_entropy(student_logits, target)  # class indices (B,) or probabilities (B, K)
         if student_tokens:
             token = torch.stack([F.mse_loss(s, t) for s, t in zip(student_tokens, teacher_tokens)]).mean()
         else:

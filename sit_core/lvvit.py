@@ -4,7 +4,8 @@ Two pieces differ from timm's ViT and both plug into VisionTransformer's own hoo
   * `LVViTBlock` (`block_fn`): residual branches divided by a constant `skip_lam`;
   * `ConvStem` (`embed_layer`): 3x3 conv/BN/GELU stack instead of one 16x16 projection.
 Teachers register as timm models `lvvit_{tiny,small,medium,large}` (import this module first).
-SiT students are `build_lvvit(...)` plus the slimming patch, placed by `SIT_LVVIT_SCHEDULES`.
+SiT students are `build_lvvit(...)` plus the slimming patch, placed by `sit_core.schedule.PAPER_SCHEDULES`
+(rows `sit_lvvit_{tiny,xsmall,small,medium,large}`).
 
     import sit_core.lvvit, timm
     model = timm.create_model('lvvit_small', pretrained=True, num_classes=1000,
@@ -12,7 +13,6 @@ SiT students are `build_lvvit(...)` plus the slimming patch, placed by `SIT_LVVI
 """
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections import OrderedDict
@@ -27,6 +27,8 @@ from timm.layers import LayerNorm, PatchEmbed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from .schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS
 
 __all__ = [
     'LVViTVariant', 'LVVIT_VARIANTS', 'SiTLVViTSchedule', 'SIT_LVVIT_SCHEDULES',
@@ -57,24 +59,19 @@ LVVIT_VARIANTS: Dict[str, LVViTVariant] = {
 
 @dataclass(frozen=True)
 class SiTLVViTSchedule:
-    """A SiT student row of the SPEC table: its teacher backbone and where its TSMs sit."""
+    """A view of a PAPER_SCHEDULES row in the shape presets.py / search_spaces read (kept until they move
+    to `sit_core.schedule.PAPER_SCHEDULES`; the numbers live only there)."""
 
     teacher: str                    # key of LVVIT_VARIANTS; the student starts from its weights
-    stage_blocks: Tuple[int, ...]   # blocks per stage; a TSM closes every stage but the last
-    keep_ratio: float = 0.5         # per TSM: stage i keeps int(N0 * keep_ratio ** i) patch tokens
-
-    @property
-    def tsm_after(self) -> Tuple[int, ...]:
-        """1-indexed blocks after which a TSM runs: the cumulative stage ends, last one excluded."""
-        return tuple(itertools.accumulate(self.stage_blocks))[:-1]
+    tsm_after: Tuple[int, ...]      # 1-indexed blocks after which a TSM runs
+    keep_ratio: float               # per TSM: stage i keeps int(N0 * keep_ratio ** i) patch tokens
 
 
 SIT_LVVIT_SCHEDULES: Dict[str, SiTLVViTSchedule] = {
-    'tiny': SiTLVViTSchedule(teacher='tiny', stage_blocks=(1, 1, 1, 11)),       # TSM after 1, 2, 3
-    'xsmall': SiTLVViTSchedule(teacher='small', stage_blocks=(1, 1, 1, 13)),    # TSM after 1, 2, 3
-    'small': SiTLVViTSchedule(teacher='small', stage_blocks=(9, 3, 2, 2)),      # TSM after 9, 12, 14
-    'medium': SiTLVViTSchedule(teacher='medium', stage_blocks=(10, 4, 3, 3)),   # TSM after 10, 14, 17
-    'large': SiTLVViTSchedule(teacher='large', stage_blocks=(10, 4, 3, 7)),     # TSM after 10, 14, 17
+    v: SiTLVViTSchedule(PAPER_SCHEDULES[f'sit_lvvit_{v}'].backbone.removeprefix('lvvit_'),
+                        PAPER_SCHEDULES[f'sit_lvvit_{v}'].schedule.positions,
+                        PAPER_SCHEDULES[f'sit_lvvit_{v}'].schedule.keep[0])
+    for v in SIT_LVVIT_VARIANTS
 }
 
 # (divisor of C giving the output channels, stride) of each 3x3 conv; strides multiply to 16.
@@ -89,7 +86,8 @@ class LVViTBlock(Block):
     """timm's pre-norm Block with residual branches divided by a constant `skip_lam`.
 
     Modifications to timm's Block:
-      - forward: x + branch(x) / skip_lam, for the attention and the MLP branch.
+      - forward: x + branch(x) / skip_lam, for the attention and the MLP branch, written as two halves
+        (`attn_residual`, `mlp_residual`) so in-block token reducers can cut between them.
     Everything else (norm1/attn/norm2/mlp, timm's Attention and its qkv Linear, ls*, drop_path*)
     is timm's, so state dicts and hooks on `block.attn.qkv` look the same as on a timm ViT.
     """
@@ -100,9 +98,15 @@ class LVViTBlock(Block):
 
     def forward(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
         # attn_kwargs: attn_mask / is_causal, whatever this timm's VisionTransformer passes on.
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs))) / self.skip_lam
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
-        return x
+        return self.mlp_residual(self.attn_residual(x, **attn_kwargs))
+
+    # The two residual halves, so token reducers that work between attention and MLP (EViT, ToMe)
+    # can cut this block where they cut timm's (sit_core.patch.BlockHalves).
+    def attn_residual(self, x: torch.Tensor, **attn_kwargs: Any) -> torch.Tensor:
+        return x + self.drop_path1(self.ls1(self.attn(self.norm1(x), **attn_kwargs))) / self.skip_lam
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) / self.skip_lam
 
     def extra_repr(self) -> str:
         return f'skip_lam={self.skip_lam}'

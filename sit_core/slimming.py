@@ -1,9 +1,15 @@
-"""SiT's Token Slimming Module (TSM) and its training-only inverse (RTSM), exactly as in SPEC."""
+"""SiT's Token Slimming Module (TSM) and its training-only inverse (RTSM), exactly as in SPEC.
+
+Both initialise like the official code and timm's ViT: Linear weights trunc_normal(std 0.02),
+biases zero, LayerNorms at (1, 0). A random TSM therefore starts near uniform averaging;
+`sit_core.warm_start` can start it as a spatial pooling instead.
+"""
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.layers import Mlp
+from timm.models.vision_transformer import init_weights_vit_timm
+from torch import nn
 
 
 class TokenSlimming(nn.Module):
@@ -11,6 +17,8 @@ class TokenSlimming(nn.Module):
 
     Each output slot is a convex combination of the input tokens: the softmax runs over the
     INPUT axis, so dense static-shape matmuls only (no sort/top-k/gather, export-friendly).
+    The last score Linear's bias adds the same logit to a whole column, which that softmax removes:
+    it never receives a gradient. The official module has it too; kept so checkpoints map one to one.
     """
 
     def __init__(self, dim: int, in_tokens: int, out_tokens: int):
@@ -19,7 +27,8 @@ class TokenSlimming(nn.Module):
         self.score = nn.Sequential(
             nn.LayerNorm(dim), nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, out_tokens)
         )
-        self.scale = nn.Parameter(torch.ones(1))  # learnable inverse temperature
+        self.scale = nn.Parameter(torch.ones(1))  # learnable inverse temperature (weight-decayed, as official)
+        self.apply(init_weights_vit_timm)
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         """Aggregation weights (B, N, N'); column j sums to 1 over the N inputs."""
@@ -46,6 +55,7 @@ class ReverseTokenSlimming(nn.Module):
         self.token_mlp = Mlp(in_tokens, hidden_features=4 * out_tokens, out_features=out_tokens)
         self.channel_norm = nn.LayerNorm(dim)
         self.channel_mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio))
+        self.apply(init_weights_vit_timm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N', C) -> (B, N, C)
         x = self.token_mlp(self.norm(x).transpose(1, 2)).transpose(1, 2)  # no residual: shape changes

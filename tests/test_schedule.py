@@ -55,3 +55,89 @@ def test_keyword_overrides_default():
     assert as_schedule(None, keep=0.5, default=base) == SlimSchedule((3, 6, 9), 0.5)
     assert as_schedule(None, reducer="none", default=base).is_identity
     assert as_schedule(None, positions=(4, 8), default=base) == SlimSchedule((4, 8), 0.7)
+
+
+# --- ToMe's own form, the in-block reducers, the paper table --------------------------------------
+
+from sit_core.schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS, paper_schedule  # noqa: E402
+
+
+@pytest.mark.parametrize("text", ["merge:r13", "r13", "drop:4,7,10@0.7+fuse", "tsm:3,6,9@0.7,0.6,0.5", "merge:3,6,9@0.7"])
+def test_every_cli_form_round_trips(text):
+    s = SlimSchedule.parse(text)
+    assert SlimSchedule.parse(str(s)) == s
+    assert as_schedule(s.to_dict()) == s
+    assert as_schedule(str(s)) == s
+
+
+def test_tome_r_form():
+    s = SlimSchedule.parse("merge:r13")
+    assert (s.reducer, s.r, s.positions, s.keep, str(s)) == ("merge", 13, (), (), "merge:r13")
+    assert s.to_dict() == {"positions": [], "keep": [], "reducer": "merge", "r": 13}
+    assert s.per_block and s.in_block and not s.is_identity
+    # DeiT-S at 224: 196 patches, 13 merged in every one of the 12 blocks -> 40 left (ToMe: 197 -> 41 with the class token)
+    assert s.block_out_tokens(12, 196) == [196 - 13 * i for i in range(1, 13)]
+    assert s.block_tokens(12, 196)[:3] == [196, 183, 170]
+    assert s.reducing_blocks(12) == tuple(range(1, 13))
+    # ToMe's cap: one round removes at most half (r = min(r, n // 2))
+    assert SlimSchedule(reducer="merge", r=13).block_out_tokens(4, 16) == [8, 4, 2, 1]
+    with pytest.raises(ValueError, match="use block_tokens"):
+        s.stage_tokens(196)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(reducer="tsm", r=13), "r=13 (tokens merged in every block) needs reducer='merge'"),
+    (dict(reducer="merge", r=13, positions=(3,), keep=0.5), "give either r=13"),
+    (dict(reducer="merge", r=-1), "r=-1 is out of range"),
+])
+def test_invalid_r_schedules(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SlimSchedule(**kwargs)
+    with pytest.raises(ValueError, match="must look like 'merge:r13'"):
+        SlimSchedule.parse("merge:rx")
+
+
+def test_in_block_reducers_may_reduce_in_the_last_block_tsm_may_not():
+    SlimSchedule((12,), 0.5, "drop").validate_for(depth=12, num_patches=196)
+    with pytest.raises(ValueError, match="valid positions are 1..11"):
+        SlimSchedule((12,), 0.5, "tsm").validate_for(depth=12, num_patches=196)
+    with pytest.raises(ValueError, match=r"at least 2 must be left \(one kept, one fused\)"):
+        SlimSchedule((1,), 0.1, "drop", fuse_dropped=True).validate_for(depth=4, num_patches=16)
+
+
+def test_block_out_tokens_is_block_tokens_shifted():
+    s = SlimSchedule((2, 4), 0.5)
+    assert s.block_out_tokens(6, 64) == [64, 32, 32, 16, 16, 16]
+    assert s.block_tokens(6, 64) == [64] + s.block_out_tokens(6, 64)[:-1]
+
+
+def test_paper_table_is_the_spec():
+    spec_lvvit = {  # SPEC table: variant -> (teacher backbone, depth, TSM after)
+        "tiny": ("lvvit_tiny", 14, (1, 2, 3)), "xsmall": ("lvvit_small", 16, (1, 2, 3)),
+        "small": ("lvvit_small", 16, (9, 12, 14)), "medium": ("lvvit_medium", 20, (10, 14, 17)),
+        "large": ("lvvit_large", 24, (10, 14, 17)),
+    }
+    for v in SIT_LVVIT_VARIANTS:
+        row = PAPER_SCHEDULES[f"sit_lvvit_{v}"]
+        assert (row.backbone, row.depth, row.schedule.positions) == spec_lvvit[v]
+        assert row.schedule == SlimSchedule(spec_lvvit[v][2], 0.5, "tsm")
+    assert paper_schedule("deit_flop_matched") == SlimSchedule.parse("3,6,9@0.7")
+    assert paper_schedule("evit_deit_small") == SlimSchedule.parse("drop:4,7,10@0.7+fuse")
+    assert paper_schedule("tome_deit_small") == SlimSchedule.parse("merge:r13")
+    with pytest.raises(ValueError, match="unknown paper schedule 'nope'"):
+        paper_schedule("nope")
+
+
+def test_labels_say_which_method_and_whether_it_is_its_own_form():
+    assert "ToMe's own schedule" in paper_schedule("tome_deit_small").describe()
+    assert "SiT-position adaptation" in SlimSchedule.parse("merge:3,6,9@0.7").describe()
+    assert "EViT" in paper_schedule("evit_deit_small").describe() and "fused" in paper_schedule("evit_deit_small").describe()
+    assert paper_schedule("deit_flop_matched").describe().startswith("SiT TSM after blocks 3,6,9")
+
+
+@pytest.mark.parametrize("depth, expected", [(12, (3, 6, 9)), (6, (1, 3, 4)), (24, (6, 12, 18)), (4, (1, 2, 3)), (3, (1, 2))])
+def test_deit_schedule_scaled_to_other_depths(depth, expected):
+    s = PAPER_SCHEDULES["deit_flop_matched"].scaled_to(depth)
+    assert s.positions == expected and set(s.keep) == {0.7} and s.reducer == "tsm"
+    s.validate_for(depth, 196)
+    assert PAPER_SCHEDULES["tome_deit_small"].scaled_to(6) == paper_schedule("tome_deit_small")
