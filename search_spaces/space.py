@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from sit_core.config import DistillJob, override
-from sit_core.lvvit import SIT_LVVIT_SCHEDULES
-from sit_core.registry import DEIT_SCHEDULE
-from sit_core.schedule import SlimSchedule
+from sit_core.schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS, SlimSchedule
 
 
 @dataclass(frozen=True)
@@ -97,12 +95,12 @@ def warm_starts(job: DistillJob, space: SearchSpace) -> list[dict]:
     """The paper's schedules that fit this model, evaluated first: the DeiT schedule (TSMs at 1/4, 1/2,
     3/4 of the depth keeping 0.7) scaled to the depth, and every SiT LV-ViT row whose positions fit,
     each with the reference loss weights and the job's lr, once per searched reducer."""
-    d = space.depth
-    scaled = tuple(sorted({max(1, min(d - 1, p * d // 12)) for p in DEIT_SCHEDULE.positions}))
-    schedules = [(scaled[:space.stages], space.on_grid(DEIT_SCHEDULE.keep[0]))]
-    for row in SIT_LVVIT_SCHEDULES.values():
-        candidate = (tuple(row.tsm_after), space.on_grid(row.keep_ratio))
-        if max(row.tsm_after) <= d - 1 and len(row.tsm_after) <= space.stages and candidate not in schedules:
+    deit = PAPER_SCHEDULES["deit_flop_matched"].scaled_to(space.depth)
+    schedules = [(deit.positions[:space.stages], space.on_grid(deit.keep[0]))]
+    for variant in SIT_LVVIT_VARIANTS:
+        row = PAPER_SCHEDULES[f"sit_lvvit_{variant}"].schedule
+        candidate = (row.positions, space.on_grid(row.keep[0]))
+        if max(row.positions) <= space.depth - 1 and len(row.positions) <= space.stages and candidate not in schedules:
             schedules.append(candidate)
     return [point_from(SlimSchedule(positions, keep, reducer), lr=job.train.lr)
             for positions, keep in schedules for reducer in space.reducers]

@@ -128,6 +128,7 @@ class TrainSpec:
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and short sweep trials
     device_batch_cap: Optional[int] = None   # most images per forward on one device; accumulate the rest
+    tsm_init: str = "random"                 # random (the paper) | pool: TSMs start as a spatial pooling
     amp: bool = True                         # CUDA only: bf16 autocast (fp16 + GradScaler if no bf16)
     seed: int = 0
 
@@ -145,6 +146,8 @@ class TrainSpec:
             raise ValueError(f"min_lr={self.min_lr} must not exceed lr={self.lr}")
         if not 0 <= self.label_smoothing < 1 or not 0 <= self.drop_path_rate < 1:
             raise ValueError("label_smoothing and drop_path_rate must be in [0, 1)")
+        if self.tsm_init not in ("random", "pool"):
+            raise ValueError(f"tsm_init={self.tsm_init!r} must be random or pool")
         for name in ("max_steps_per_epoch", "device_batch_cap"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -208,12 +211,18 @@ class DistillJob:
                    teacher_checkpoint=d.get("teacher_checkpoint"), **built)
 
     def teacher_key(self) -> str:
-        """Hash of what determines a project-trained teacher: architecture, data, recipe."""
-        # Evaluation-only subsets do not change the weights: leave them out, or a smaller validation
-        # set would retrain the teacher.
-        data = {k: v for k, v in dataclasses.asdict(self.data).items() if k not in ("val_subset", "test_subset")}
+        """Hash of what determines a project-trained teacher: architecture, data, recipe.
+
+        Fields at their default value are left out, so a new option whose default keeps the old
+        behaviour does not orphan every trained (and the shipped) teacher. Changing a default IS a
+        recipe change: `tests/test_teachers.py` compares the shipped teacher's recorded recipe with
+        the preset's, field by field, and fails if a default moved under it.
+        """
+        # Evaluation-only subsets and distillation-only options do not change the teacher's weights.
+        data = _non_default(self.data, skip=("val_subset", "test_subset"))
+        train = _non_default(self.teacher_train, skip=("rtsm_lr_mult", "tsm_init"))
         return stable_hash({"arch": {"backbone": self.model.backbone, "kwargs": self.model.kwargs},
-                            "data": data, "train": dataclasses.asdict(self.teacher_train)})
+                            "data": data, "train": train})
 
 
 def override(job: DistillJob, changes: Mapping[str, Any]) -> DistillJob:
@@ -250,6 +259,15 @@ def _known(kind, d: Mapping, where: str) -> None:
     unknown = sorted(set(d) - valid)
     if unknown:
         raise ValueError(f"unknown {where} field(s) {', '.join(unknown)}: valid are {', '.join(sorted(valid))}")
+
+
+def _non_default(spec, skip: tuple = ()) -> dict:
+    """The dataclass's fields that differ from their defaults (minus `skip`), as plain values."""
+    def default(f):
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+            if f.name not in skip and getattr(spec, f.name) != default(f)}
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

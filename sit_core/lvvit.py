@@ -28,10 +28,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from .schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS
 
 __all__ = [
-    'LVViTVariant', 'LVVIT_VARIANTS', 'SiTLVViTSchedule', 'SIT_LVVIT_SCHEDULES',
+    'LVViTVariant', 'LVVIT_VARIANTS',
     'LVViTBlock', 'ConvStem', 'checkpoint_filter_fn', 'build_lvvit',
 ]
 
@@ -56,23 +55,6 @@ LVVIT_VARIANTS: Dict[str, LVViTVariant] = {
     'large': LVViTVariant(embed_dim=768, depth=24, num_heads=12, skip_lam=3.0, stem='6c', img_size=288),
 }
 
-
-@dataclass(frozen=True)
-class SiTLVViTSchedule:
-    """A view of a PAPER_SCHEDULES row in the shape presets.py / search_spaces read (kept until they move
-    to `sit_core.schedule.PAPER_SCHEDULES`; the numbers live only there)."""
-
-    teacher: str                    # key of LVVIT_VARIANTS; the student starts from its weights
-    tsm_after: Tuple[int, ...]      # 1-indexed blocks after which a TSM runs
-    keep_ratio: float               # per TSM: stage i keeps int(N0 * keep_ratio ** i) patch tokens
-
-
-SIT_LVVIT_SCHEDULES: Dict[str, SiTLVViTSchedule] = {
-    v: SiTLVViTSchedule(PAPER_SCHEDULES[f'sit_lvvit_{v}'].backbone.removeprefix('lvvit_'),
-                        PAPER_SCHEDULES[f'sit_lvvit_{v}'].schedule.positions,
-                        PAPER_SCHEDULES[f'sit_lvvit_{v}'].schedule.keep[0])
-    for v in SIT_LVVIT_VARIANTS
-}
 
 # (divisor of C giving the output channels, stride) of each 3x3 conv; strides multiply to 16.
 # 6c follows the SiT reference's channels C/8, C/8, C/8, C/4, C/2, C (widen only when downsampling).

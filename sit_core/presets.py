@@ -9,8 +9,7 @@ import copy
 
 from .config import DistillJob, LossWeights, ModelSpec, SpeedSpec, TrainSpec, override
 from .data import DataSpec
-from .registry import DEIT_SCHEDULE
-from .schedule import SlimSchedule
+from .schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS, SlimSchedule
 
 # Fashion-MNIST on 2 CPU cores at its native 28 px: patch 4 gives 49 patch tokens (enough for
 # slimming to matter) and a 6-block width-96 ViT trains to >= 90% test top-1 on 2 cores.
@@ -56,16 +55,17 @@ def _imagenet(name: str, backbone: str, schedule: SlimSchedule, img_size: int = 
 
 
 for _size in ("tiny", "small", "base"):
-    PRESETS[f"deit-{_size}-imagenet"] = _imagenet(f"deit-{_size}-imagenet", f"deit_{_size}_patch16_224", DEIT_SCHEDULE)
+    PRESETS[f"deit-{_size}-imagenet"] = _imagenet(f"deit-{_size}-imagenet", f"deit_{_size}_patch16_224",
+                                                   PAPER_SCHEDULES["deit_flop_matched"].schedule)
 
 
 def _add_lvvit_presets() -> None:
-    from .lvvit import LVVIT_VARIANTS, SIT_LVVIT_SCHEDULES
+    from .lvvit import LVVIT_VARIANTS
 
-    for variant, row in SIT_LVVIT_SCHEDULES.items():
-        img = LVVIT_VARIANTS[row.teacher].img_size
-        PRESETS[f"lvvit-{variant}-imagenet"] = _imagenet(
-            f"lvvit-{variant}-imagenet", f"lvvit_{row.teacher}", SlimSchedule(row.tsm_after, row.keep_ratio), img)
+    for variant in SIT_LVVIT_VARIANTS:
+        row = PAPER_SCHEDULES[f"sit_lvvit_{variant}"]
+        img = LVVIT_VARIANTS[row.backbone.removeprefix("lvvit_")].img_size
+        PRESETS[f"lvvit-{variant}-imagenet"] = _imagenet(f"lvvit-{variant}-imagenet", row.backbone, row.schedule, img)
 
 
 _add_lvvit_presets()

@@ -20,9 +20,6 @@ from timm.models._features import FeatureGetterNet  # in _features.__all__, not 
 from .patch import apply_slimming
 from .schedule import PAPER_SCHEDULES, SlimSchedule, as_schedule
 
-# Kept for sit_core/presets.py (not mine) until it reads PAPER_SCHEDULES["deit_flop_matched"] itself.
-DEIT_SCHEDULE = PAPER_SCHEDULES["deit_flop_matched"].schedule
-
 SCHEDULE_KWARGS = ("schedule", "positions", "keep", "reducer", "fuse_dropped", "r")
 VIT_FEATURE_BLOCKS = 3  # timm's default out_indices for vision_transformer features (the last 3 blocks)
 

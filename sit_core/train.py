@@ -29,9 +29,11 @@ from torch.utils.data import DataLoader
 from .config import DistillJob, TrainSpec
 from .distill import FRDDistiller, student_from_teacher
 from .loss import FRDLoss
+from .warm_start import warm_start_tsms
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over the workers (identity alone)
 EVAL_BATCH = 256
+WARM_START_IMAGES = 256  # images the TSM warm start is fitted on
 
 
 @dataclass
@@ -61,11 +63,18 @@ def teacher_task(job: DistillJob) -> Task:
                 lambda r: param_groups_weight_decay(model, r.weight_decay, no_weight_decay_list=model.no_weight_decay()))
 
 
-def distill_task(job: DistillJob, teacher_state: dict) -> Task:
-    """Distil the slimmed student from the frozen teacher with FRD (student initialised from the teacher)."""
+def distill_task(job: DistillJob, teacher_state: dict, train_set=None) -> Task:
+    """Distil the slimmed student from the frozen teacher with FRD (student initialised from the teacher).
+
+    With `train.tsm_init == "pool"` the TSMs are fitted to start as a spatial pooling on a fixed,
+    seeded batch of `train_set` (the same batch on every DDP rank, so every replica starts equal)."""
     teacher = job.model.build_teacher()
     teacher.load_state_dict(teacher_state)
     student, _ = student_from_teacher(job.model.build(drop_path_rate=job.train.drop_path_rate), teacher)
+    if job.train.tsm_init == "pool":
+        if train_set is None:
+            raise ValueError("tsm_init='pool' needs the training set to fit the TSMs on")
+        warm_start_tsms(student, fixed_batch(train_set, WARM_START_IMAGES, seed=job.train.seed))
     net = FRDDistiller(student, teacher)
     criterion = FRDLoss(job.loss.lambda_token, job.loss.lambda_logits, job.loss.tau)
     return Task(net, net.student, lambda out, targets: criterion(*out, targets), student.num_classes,
@@ -238,6 +247,12 @@ def _amp_dtype(device: torch.device, amp: bool):
     if not amp or device.type != "cuda":
         return None  # fp32 on CPU: CPU autocast buys little for these models and changes numerics
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def fixed_batch(dataset, n: int, seed: int) -> torch.Tensor:
+    """The images of n items of a seeded permutation of `dataset`, stacked (the same on every call)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([dataset[int(i)][0] for i in order])
 
 
 def steps_per_epoch(recipe: TrainSpec, batches: int) -> int:

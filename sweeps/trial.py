@@ -97,7 +97,7 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     torch.manual_seed(job.train.seed)
     splits = load_splits(job.data)
     loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=device.type == "cuda")
-    task = distill_task(job, ray.get(ctx.teacher[0]))
+    task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
     start_epoch = _restore(tune.get_checkpoint(), trainer)
     last: dict = {}

@@ -5,7 +5,7 @@ import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from sit_core.lvvit import (
-    LVVIT_VARIANTS, SIT_LVVIT_SCHEDULES, STEM_LAYOUTS, ConvStem, LVViTBlock, build_lvvit,
+    LVVIT_VARIANTS, STEM_LAYOUTS, ConvStem, LVViTBlock, build_lvvit,
 )
 from sit_core.schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS
 
@@ -91,11 +91,13 @@ def test_sit_rows_fit_their_teachers():
         teacher = LVVIT_VARIANTS[row.backbone.removeprefix('lvvit_')]
         assert row.depth == teacher.depth
         row.schedule.validate_for(teacher.depth, (teacher.img_size // 16) ** 2)
-    # the view presets.py / search_spaces still read is derived from the table, not a second copy
-    spec = {'tiny': ('tiny', (1, 2, 3)), 'xsmall': ('small', (1, 2, 3)), 'small': ('small', (9, 12, 14)),
-            'medium': ('medium', (10, 14, 17)), 'large': ('large', (10, 14, 17))}
-    assert {k: (s.teacher, s.tsm_after) for k, s in SIT_LVVIT_SCHEDULES.items()} == spec
-    assert {s.keep_ratio for s in SIT_LVVIT_SCHEDULES.values()} == {0.5}
+    # the SPEC table: teacher and TSM positions of every student, keep 0.5 each
+    spec = {'tiny': ('lvvit_tiny', (1, 2, 3)), 'xsmall': ('lvvit_small', (1, 2, 3)),
+            'small': ('lvvit_small', (9, 12, 14)), 'medium': ('lvvit_medium', (10, 14, 17)),
+            'large': ('lvvit_large', (10, 14, 17))}
+    rows = {v: PAPER_SCHEDULES[f'sit_lvvit_{v}'] for v in SIT_LVVIT_VARIANTS}
+    assert {v: (r.backbone, r.schedule.positions) for v, r in rows.items()} == spec
+    assert {k for r in rows.values() for k in r.schedule.keep} == {0.5}
 
 
 def test_block_halves_compose_to_forward():

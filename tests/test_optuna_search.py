@@ -33,11 +33,11 @@ def job():
 
 
 def make_searcher(job, url, *, sampler="tpe", study_name="s", warm=False, reducers=("tsm",)):
-    family = search_spaces.for_job(job)
+    space = search_spaces.SearchSpace.for_job(job, reducers)
     return ParetoOptunaSearch(
-        space=family.space(job, reducers),
+        space=space,
         metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()),
-        points_to_evaluate=family.warm_starts(job, reducers) if warm else None,
+        points_to_evaluate=search_spaces.warm_starts(job, space) if warm else None,
         sampler=make_sampler(sampler, 0), study_name=study_name,
         storage=optuna.storages.RDBStorage(url),
     )
@@ -214,7 +214,7 @@ def test_repeated_completion_is_ignored(completed):
 
 def test_warm_starts_come_first_and_exactly(job, tmp_path):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    warm = search_spaces.for_job(job).warm_starts(job, ("tsm",))
+    warm = search_spaces.warm_starts(job, search_spaces.SearchSpace.for_job(job))
     searcher = make_searcher(job, url, warm=True)
     suggested = [searcher.suggest(f"w{i}") for i in range(len(warm) + 1)]
     for point, got in zip(warm, suggested):

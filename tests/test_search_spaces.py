@@ -18,7 +18,7 @@ import torch
 
 import search_spaces
 from search_spaces import SearchSpace, warm_starts
-from sit_core.lvvit import SIT_LVVIT_SCHEDULES
+from sit_core.schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS
 from sit_core.presets import get_preset, smoke
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -202,8 +202,8 @@ def test_lvvit_warm_starts_hold_the_table_rows(preset):
     depth = job.model.geometry().depth
     schedules = {(s.positions, s.keep) for s in
                  (schedule_of(job, p) for p in warm_starts(job, SearchSpace.for_job(job)))}
-    table_rows = {(row.tsm_after, (row.keep_ratio,) * len(row.tsm_after))
-                  for row in SIT_LVVIT_SCHEDULES.values() if max(row.tsm_after) <= depth - 1}
+    rows = [PAPER_SCHEDULES[f"sit_lvvit_{v}"].schedule for v in SIT_LVVIT_VARIANTS]
+    table_rows = {(row.positions, row.keep) for row in rows if max(row.positions) <= depth - 1}
     deit_scaled = (tuple(p * depth // 12 for p in (3, 6, 9)), (0.7,) * 3)
     assert schedules == table_rows | {deit_scaled}
     # the preset's own row (its student) is always among them

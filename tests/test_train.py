@@ -153,3 +153,24 @@ def test_top1_counts_correct_predictions():
     y = pred.clone()
     y[:4] = (y[:4] + 1) % 10  # exactly 4 of 16 wrong
     assert trainer.top1(TensorDataset(x, y)) == pytest.approx(75.0)
+
+
+def test_tsm_pool_warm_start_is_fitted_on_the_same_batch_every_time():
+    from sit_core.data import load_splits
+
+    job = override(tiny_job(), {"train.tsm_init": "pool"})
+    state = teacher_state(job)
+    train_set = load_splits(job.data).train
+    def task(j, data=None):  # every DDP rank seeds the same way before it builds the task
+        torch.manual_seed(j.train.seed)
+        return distill_task(j, state, data)
+
+    a, b = task(job, train_set), task(job, train_set)
+    random_start = task(override(job, {"train.tsm_init": "random"}))
+    tsm = [k for k in a.net.student.state_dict() if ".slim." in k and k.endswith("score.3.weight")]
+    assert tsm, "the tiny job has TSMs"
+    for k in tsm:  # deterministic (every DDP rank fits the same start), and not the random init
+        assert torch.equal(a.net.student.state_dict()[k], b.net.student.state_dict()[k])
+        assert not torch.equal(a.net.student.state_dict()[k], random_start.net.student.state_dict()[k])
+    with pytest.raises(ValueError, match="needs the training set"):
+        distill_task(job, state)
