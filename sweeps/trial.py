@@ -68,7 +68,8 @@ class TrialReport:
         return {**metrics, **self.static, "top1": top1,
                 "constraint_violation": list(self.constraints.violation(top1, latency_ms)),
                 "feasible": self.constraints.feasible(top1, latency_ms),
-                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start,
+                "reported_at": time.time()}  # the MLflow timestamp of this report (trial_logger.REPORTED_AT)
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
