@@ -1,29 +1,36 @@
 """The sweep itself (called by `pareto.py` once its plan is validated): the Tuner with the Optuna
-searcher and MLflow logging, then the one trial table, its front, plots, MLflow summary and cards."""
+searcher and MLflow logging (each finished trial's model and card logged to its run), then the one
+trial table, its front, plots, MLflow summary, registered picks, cards and the links to open."""
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import optuna
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from ray import tune
 
 from search_spaces import SearchSpace, warm_starts
 from sit_core.files import atomic_write_text
 
-from . import pareto_front, results, tracking
-from .export import export_cards, pick_rows
+from . import cockpit, mlflow_models, pareto_front, results, tracking
+from .export import export_cards, pick_rows, register
 from .optuna_search import ParetoOptunaSearch, make_sampler
+from .trial_model import TrialPackager
 from .runner import Session
 from .speed_probe import Prober
 from .trial import TRIAL_CPU, SweepContext, run_trial
-from .trial_logger import TrialRunLogger
+from .trial_logger import PACKAGE_ERROR_TAG, TrialRunLogger
 
 EXPERIMENT = "sit-pareto"
+# shown when hovering a trial in pareto.html (those the table has)
+HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "gmacs",
+              "speedup", "status", "feasible", "run_id")
 
 
 def run_sweep(plan) -> int:
@@ -50,26 +57,77 @@ def run_sweep(plan) -> int:
     record = plan.record()  # what a later export needs: written beside the runs and into MLflow
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name, params={
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
-    sweep_json = Path(plan.out, "sweep.json")
-    atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
-    tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+    with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING
+        sweep_json = Path(plan.out, "sweep.json")
+        atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
+        tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
 
-    ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
-                       latency=latency, teacher=[session.teacher_ref])
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
-    logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label)
-    grid = _tuner(plan, job, trainable, concurrent, logger).fit()
-    trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
-    table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
-    summary = summarise(plan, table, teacher_speed, session, parent)
-    picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
-    cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info={
-        "tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent})
-    tracking.end_parent_run(plan.tracking_uri, parent)
-    print(f"\ncards ({len(cards)}) written to {os.path.join(plan.out, 'cards')}")
-    print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}")
-    print(f"sweep finished in {time.time() - t0:.0f}s")
-    return 0
+        ctx = SweepContext(base_job=job, workers=session.workers, storage=plan.storage, constraints=plan.constraints,
+                           latency=latency, teacher=[session.teacher_ref])
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
+        mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
+        package = TrialPackager(job, plan.tracking_uri, mlflow_info)
+        logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package)
+        tuner = _tuner(plan, job, trainable, plan.concurrent, logger)
+        cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
+        views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
+        print(f"watch it live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
+        grid = tuner.fit()
+        trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
+        table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
+        _package_missing(table, package, plan.tracking_uri)
+        summary = summarise(plan, table, teacher_speed, session, parent)
+        picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
+        registry = _register(plan, table, picked)
+        cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info, registry=registry)
+        cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["reference"], note=_note(
+            plan, summary, views))
+        tracking.end_parent_run(plan.tracking_uri, parent)
+        print(f"\ncards ({len(cards)}) written to {os.path.join(plan.out, 'cards')}")
+        if registry:
+            aliases = sorted(a for info in registry.values() for a in info["aliases"])
+            print(f"registered in MLflow as {plan.name!r} ({len(registry)} versions), aliases {', '.join(aliases)}: "
+                  f"sit_core.load_card('models:/{plan.name}@knee')")
+        print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}\n"
+              f"  Pareto-optimal trials: {views['pareto']}\n  all trials: {views['trials']}\n"
+              f"  the sweep (plots, tables): {views['parent']}")
+        print(f"Optuna's dashboard: {cockpit.dashboard_command(plan.optuna_storage)}\n"
+              f"  then open {cockpit.dashboard_url(plan.optuna_storage, plan.name)}")
+        print(f"sweep finished in {time.time() - t0:.0f}s")
+        return 0
+
+
+def _register(plan, table: pd.DataFrame, picked: pd.DataFrame) -> dict:
+    """The picks in MLflow's Model Registry; a registry that refuses them costs the aliases, not the cards."""
+    if not len(picked):
+        return {}
+    try:
+        return register(table, picked, plan.export, plan.objectives, tracking_uri=plan.tracking_uri, name=plan.name)
+    except (MlflowException, LookupError) as e:
+        print(f"warning: the picks were not registered in MLflow ({e}); the cards are written all the same")
+        return {}
+
+
+def _package_missing(table: pd.DataFrame, package: TrialPackager, tracking_uri: str) -> None:
+    """Log the model and card of finished trials that have none (their driver was killed between
+    training and packaging, or packaging failed): a resumed sweep loses nothing."""
+    client = tracking.MlflowClient(tracking_uri)
+    for _, row in table[table["status"].eq("ok") & table["run_id"].notna() & table["checkpoint"].notna()].iterrows():
+        if mlflow_models.logged_model(tracking_uri, row["run_id"]) is None:
+            tags = package(row["run_id"], row["config"], int(row["trial_number"]), row.to_dict(), row["checkpoint"])
+            for key, value in tags.items():
+                client.set_tag(row["run_id"], key, value)
+            if PACKAGE_ERROR_TAG in client.get_run(row["run_id"]).data.tags:  # packaged now
+                client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
+
+
+def _note(plan, summary: dict, views: Mapping) -> str:
+    return (f"## SiT Pareto sweep `{plan.name}`\n\n"
+            f"Objectives {plan.objectives}; {summary['n_pareto']} Pareto-optimal of {summary['n_trials']} trials; "
+            f"hypervolume {summary['hypervolume']:.4g} against the reference point {summary['reference']} "
+            "(chance accuracy, the teacher's cost). Infeasible trials never count.\n\n"
+            f"MLflow (with `mlflow ui` running): [Pareto-optimal trials]({views['pareto']}), "
+            f"[all trials]({views['trials']}), [the sweep]({views['parent']}).\n")
 
 
 def _trials(grid, children: pd.DataFrame) -> dict:
@@ -117,31 +175,34 @@ def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tun
 
 
 def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -> dict:
-    """Write the table, plot and hypervolume history; tag MLflow; print the front."""
+    """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front."""
     objectives = plan.objectives
     reference = results.reference_point(objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
     hv = pareto_front.hypervolume(table, objectives, reference)
     # hypervolume against time: trials in the order they finished (each row's last report)
-    table["finished_ms"] = (pd.to_numeric(table.get("timestamp"), errors="coerce") * 1000).fillna(0).astype("int64")
+    finished = table["reported_at"] if "reported_at" in table else table.get("timestamp")  # ms, else Tune's seconds
+    table["finished_ms"] = (pd.to_numeric(finished, errors="coerce") * 1000).fillna(0).astype("int64")
     history = pareto_front.hypervolume_history(table, objectives, reference, order_col="finished_ms")
     out = Path(plan.out)
-    csv, png, hv_csv = out / "pareto.csv", out / "pareto.png", out / "hypervolume_history.csv"
+    csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
-    pareto_front.plot_pareto(table, objectives, png, label_col="label", reference_point={
-        "top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
-        "label": "teacher"})
+    teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
+               "label": "teacher"}
+    pareto_front.plot_pareto(table, objectives, png, label_col="label", number_col="trial_number", reference_point=teacher)
+    pareto_front.plot_pareto_html(table, objectives, html, label_col="label", reference_point=teacher,
+                                  hover_cols=HOVER_COLS, title=f"{plan.name}: top1 vs latency_ms")
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
     n_failed = int(table["status"].eq("failed").sum())
-    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
-        "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
-        "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
+    # n_pareto is part of the hypervolume history (one point per trial): not repeated as a summary
+    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, html, hv_csv], history, metrics={
+        "n_trials": len(table), "n_failed": n_failed, "teacher_top1": teacher["top1"],
         "teacher_latency_ms": teacher_speed["latency_ms"]})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
     print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_failed} failed); "
           f"hypervolume {hv:.4f} (reference {reference})")
-    print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
-    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}
+    print(f"table {csv}\nplots {png} {html}\nhypervolume history {hv_csv}")
+    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference}
