@@ -20,11 +20,12 @@ from . import tracking
 
 DASHBOARD_URL = "http://127.0.0.1:8080"  # where `dashboard_command` serves
 HYPERVOLUME_PLOT_ID = "hypervolume-history"
+PLOT = "pareto.html"  # the interactive plot the sweep attaches to its parent run
 
 
 def mlflow_views(tracking_uri: str, experiment_id: str, parent_run_id: str, sweep: str, objectives: Mapping[str, str],
                  columns: tuple[str, ...] = ("metrics.test_top1", "metrics.gmacs", "metrics.speedup")) -> dict[str, str]:
-    """Store the sweep's run-list views; returns {"pareto", "trials", "parent"} links."""
+    """Store the sweep's run-list views; returns {"pareto", "trials", "parent", "plot"} links."""
     own = f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}'"
     shown = [f"metrics.{o}" for o in objectives] + [c for c in columns if c.removeprefix("metrics.") not in objectives]
     return {
@@ -35,6 +36,7 @@ def mlflow_views(tracking_uri: str, experiment_id: str, parent_run_id: str, swee
             tracking_uri, experiment_id, f"trials-{sweep}", search_filter=own, columns=shown,
             order_by="metrics.top1", group_by_tag=tracking.PARETO_TAG),
         "parent": tracking.run_url(tracking_uri, experiment_id, parent_run_id),
+        "plot": tracking.run_url(tracking_uri, experiment_id, parent_run_id, artifact=PLOT),
     }
 
 

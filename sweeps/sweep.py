@@ -71,7 +71,7 @@ def run_sweep(plan) -> int:
         tuner = _tuner(plan, job, trainable, plan.concurrent, logger)
         cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
         views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
-        print(f"watch it live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
+        print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
         grid = tuner.fit()
         trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
         table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
@@ -90,9 +90,9 @@ def run_sweep(plan) -> int:
                   f"sit_core.load_card('models:/{plan.name}@knee')")
         print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}\n"
               f"  Pareto-optimal trials: {views['pareto']}\n  all trials: {views['trials']}\n"
-              f"  the sweep (plots, tables): {views['parent']}")
+              f"  interactive Pareto plot: {views['plot']}\n  the sweep (plots, tables): {views['parent']}")
         print(f"Optuna's dashboard: {cockpit.dashboard_command(plan.optuna_storage)}\n"
-              f"  then open {cockpit.dashboard_url(plan.optuna_storage, plan.name)}")
+              f"  the sweep's study: {cockpit.dashboard_url(plan.optuna_storage, plan.name)}")
         print(f"sweep finished in {time.time() - t0:.0f}s")
         return 0
 
@@ -184,7 +184,7 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     table["finished_ms"] = (pd.to_numeric(finished, errors="coerce") * 1000).fillna(0).astype("int64")
     history = pareto_front.hypervolume_history(table, objectives, reference, order_col="finished_ms")
     out = Path(plan.out)
-    csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv"))
+    csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", cockpit.PLOT, "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
     teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],

@@ -139,8 +139,10 @@ def ui_url(tracking_uri: str) -> str:
     return tracking_uri if urlparse(tracking_uri).scheme.lower() in ("http", "https") else DEFAULT_UI
 
 
-def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_url(tracking_uri: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page (its ``artifact`` open in the artifact viewer if given), in the model-training view."""
+    page = f"/artifacts/{quote(artifact)}" if artifact else ""
+    return f"{ui_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}{page}?workflowType=machine_learning"
 
 
 def share_run_view(tracking_uri: str, experiment_id: str, key: str, *, search_filter: str, columns: list[str],

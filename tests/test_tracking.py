@@ -213,7 +213,10 @@ def test_links_to_the_ui():
     assert tracking.run_list_url("http://h:5000", "3", "tags.`sit.pareto` = 'true'") == (
         "http://h:5000/#/experiments/3/runs?searchFilter=tags.%60sit.pareto%60%20%3D%20%27true%27"
         "&workflowType=machine_learning")
-    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.run_url("http://h:5000", "3", "abc", artifact="pareto.html") == \
+        "http://h:5000/#/experiments/3/runs/abc/artifacts/pareto.html?workflowType=machine_learning"
 
 
 def test_a_run_ends_when_its_trial_ended_and_known_steps_are_not_read_again(tmp_path, monkeypatch):
