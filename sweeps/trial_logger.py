@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
@@ -60,8 +61,8 @@ class TrialRunLogger(Callback):
 
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            self._known_numbers()
-            self.numbers.setdefault(trial.trial_id, max(self.numbers.values(), default=-1) + 1)
+            if trial.trial_id not in self._known_numbers():
+                self.numbers[trial.trial_id] = _number(trial, set(self.numbers.values()))
             number = self.numbers[trial.trial_id]
             self.runs[trial.trial_id] = tracking.start_trial_run(
                 self.uri, self.experiment_id, self.parent, trial.trial_id, self.name_of(trial.config, number),
@@ -136,6 +137,15 @@ class TrialRunLogger(Callback):
         for trial_id in sorted(self.open):
             tracking.end_trial_run(self.uri, self.runs[trial_id], "KILLED", tags={"sit.interrupted": "true"})
         self.open.clear()
+
+
+def _number(trial, taken: set[int]) -> int:
+    """Trials are numbered in the order Tune created them (its experiment tag starts with that count,
+    `3_lr=...`): the sampler's order, warm starts first, whichever trial's process started first.
+    A count already taken (a resumed sweep's counter may start again) gives the next free number."""
+    m = re.match(r"(\d+)_", getattr(trial, "experiment_tag", "") or "")
+    preferred = int(m.group(1)) - 1 if m else None
+    return preferred if preferred is not None and preferred >= 0 and preferred not in taken else max(taken, default=-1) + 1
 
 
 def _ms(seconds: float) -> int:
