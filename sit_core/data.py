@@ -326,7 +326,10 @@ def train_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memo
     folders) get the worker's CPUs but one, kept alive across epochs and prefetching, so a GPU is fed."""
     in_memory = isinstance(getattr(dataset, "dataset", dataset), TensorImages)
     workers = 0 if in_memory else max(0, int(cpus) - 1)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
+    # full batches only, unless the (small, user's own) folder holds less than one: then one short batch,
+    # not an epoch of no steps at all
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                      num_workers=workers,
                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
 
 

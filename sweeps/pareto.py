@@ -27,6 +27,7 @@ from typing import Optional
 if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from search_spaces import SearchSpace
 from sit_core.config import DistillJob
 from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
 from sweeps.pareto_front import Constraints
@@ -129,6 +130,7 @@ def make_plan(args) -> Plan:
     if args.print_config:
         return Plan(job, "", "", "", 0, 1, "", {}, (), Constraints(), False, False, "", 0, 1, False, None, None)
     validate_job(job)
+    SearchSpace.for_job(job, reducers=_reducers(args.reducers))  # every reducer must serve the model
     trials = args.trials or (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
     if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
@@ -136,9 +138,7 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--max-latency-ms {args.max_latency_ms} must be > 0")
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
-    reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
-    if not reducers or any(r not in REDUCERS for r in reducers):
-        raise ValueError(f"--reducers {args.reducers!r}: choose from {', '.join(REDUCERS)}")
+    reducers = _reducers(args.reducers)
     if args.export not in ("front", "knee") and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
     if args.export.startswith("budget:"):
@@ -149,7 +149,7 @@ def make_plan(args) -> Plan:
         if not budget > 0:
             raise ValueError(f"--export {args.export!r}: the budget must be a latency in ms > 0, e.g. budget:12.5")
     out = os.path.abspath(args.out)
-    name = args.name or f"pareto-{args.preset}{'-smoke' if args.smoke_test else ''}"
+    name = args.name or f"pareto-{job.name}{'-smoke' if args.smoke_test else ''}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         # it names a directory, a Tune experiment and an MLflow tag matched in filters (no quotes)
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
@@ -165,6 +165,13 @@ def make_plan(args) -> Plan:
                 constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
                 cpus_per_worker=args.cpus_per_worker, address=args.address)
+
+
+def _reducers(text: str) -> tuple:
+    reducers = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not reducers or any(r not in REDUCERS for r in reducers):
+        raise ValueError(f"--reducers {text!r}: choose from {', '.join(REDUCERS)}")
+    return reducers
 
 
 def _default_concurrency(gpu: bool) -> int:
