@@ -155,19 +155,19 @@ def _fit(job: DistillJob, state: dict, source: str, fresh_head_ok: bool) -> tupl
     other_head = [k for k, v in state.items() if is_head(k) and k in own and tuple(v.shape) != tuple(own[k].shape)]
     head_classes = next((int(state[k].shape[0]) for k in sorted(state) if is_head(k) and k.endswith("weight")
                          and getattr(state[k], "ndim", 0) >= 1), None)
-    if other_head and not fresh_head_ok:
-        raise ValueError(_head_message(source, head_classes, model.num_classes))
-    if other_head:
+    if other_head:  # the body must fit first: another architecture is not a head problem
         state = {k: v for k, v in state.items() if not is_head(k)}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (RuntimeError, TypeError, AttributeError) as e:  # shape mismatches raise even with strict=False
         raise ValueError(f"{source} does not fit {job.model.backbone} {job.model.kwargs}: {_first_line(e)}") from None
     missing_head = [k for k in missing if is_head(k)]
-    missing = [k for k in missing if not (fresh_head_ok and is_head(k))]
+    missing = [k for k in missing if not ((fresh_head_ok or other_head) and is_head(k))]
     if missing or unexpected:
         raise ValueError(f"{source} does not fit {job.model.backbone} {job.model.kwargs}: "
                          f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+    if other_head and not fresh_head_ok:
+        raise ValueError(_head_message(source, head_classes, model.num_classes))
     trained = not other_head and not missing_head
     return model.state_dict(), StartWeights(model.state_dict(), trained, head_classes, source)
 
