@@ -80,8 +80,9 @@ class ModelSpec:
     def input_size(self) -> tuple[int, int]:
         """(in_chans, img_size) the backbone takes: what the data must be resized to."""
         embed = self._meta_teacher().patch_embed
-        return int(embed.proj.in_channels) if hasattr(embed, "proj") else int(self.kwargs.get("in_chans", 3)), \
-            int(embed.img_size[0])
+        first_conv = next((m for m in embed.modules() if isinstance(m, nn.Conv2d)), None)  # LV-ViT: a conv stem
+        in_chans = first_conv.in_channels if first_conv is not None else self.kwargs.get("in_chans", 3)
+        return int(in_chans), int(embed.img_size[0])
 
     def pretrained_cfg(self) -> dict:
         """timm's pretrained config of the backbone (mean/std, classifier name, its weights' class count)."""

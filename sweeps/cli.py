@@ -4,6 +4,7 @@ that turn a user's mistake into one line and exit status 2 before Ray starts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -12,7 +13,8 @@ from typing import Optional
 import yaml
 
 from sit_core import teachers
-from sit_core.config import DistillJob, override
+from sit_core.config import DistillJob, ModelSpec, override
+from sit_core.data import DataSpec
 from sit_core.presets import PRESETS, finetune, get_preset, smoke
 from sit_core.schedule import PAPER_SCHEDULES
 from sit_core.teachers import card_teacher
@@ -108,18 +110,22 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
 def job_from_args(args) -> DistillJob:
     """The preset, the --config file, the flags, --set, what follows from the model, then --smoke-test:
     one validated job, every step through `override`."""
-    job = get_preset(args.preset)
-    if args.config:
-        job = override(job, _flatten(_read_config(args.config)))
+    preset = get_preset(args.preset)
+    given = _flatten(_read_config(args.config)) if args.config else {}
+    job = override(preset, given)
     job = override(job, _flag_changes(args, job))
     if args.finetune_backbone and not args.finetune_teacher:
         raise ValueError("--finetune-backbone goes with --finetune-teacher EPOCHS")
     if args.finetune_teacher:
         job = finetune(job, args.finetune_teacher, "all" if args.finetune_backbone else "head")
     sets = _parse_sets(args.set)
-    job = override(job, sets)
-    job = override(job, _follow_model(job, new_backbone=bool(args.model or args.teacher_card), fixed=set(sets),
-                                      card=args.teacher_card))
+    model = override(job, {k: v for k, v in sets.items() if k.startswith("model.")}).model
+    # a backbone from a flag re-derives what follows from it; one from the job file keeps what the file says
+    by_flag = bool(args.model or args.teacher_card)
+    new_backbone = by_flag or model.backbone != preset.model.backbone
+    follow = _follow_model(job, model, new_backbone=new_backbone, card=args.teacher_card,
+                           fixed=set(sets) | (set() if by_flag else set(given)))
+    job = override(job, {**follow, **sets})
     return smoke(job) if args.smoke_test else job
 
 
@@ -142,7 +148,8 @@ def _flag_changes(args, job: DistillJob) -> dict:
         root = os.path.abspath(os.path.expanduser(args.data))
         kind = _data_kind(root, job.data.kind)
         # another kind of data: its own defaults (a preset's subsets are sized for its data set)
-        changes.update({"data": {"kind": kind, "root": root}} if kind != job.data.kind else {"data.root": root})
+        fresh = dataclasses.asdict(DataSpec(kind=kind, root=root, seed=job.data.seed))
+        changes.update({"data": fresh} if kind != job.data.kind else {"data.root": root})
     if args.teacher_checkpoint:
         changes.update({"teacher_checkpoint": args.teacher_checkpoint, "teacher_pretrained": None})
     if args.pretrained:
@@ -165,27 +172,30 @@ def _data_kind(root: str, default: str) -> str:
     return default
 
 
-def _follow_model(job: DistillJob, *, new_backbone: bool, fixed: set, card: Optional[str]) -> dict:
-    """What follows from the model: the data's size and channels (always), and for a new backbone its
-    input normalisation (timm's pretrained config, or the card's) and the paper's DeiT schedule scaled
-    to its depth. Fields given with --set stay as given; paths become absolute (Ray workers run elsewhere)."""
-    in_chans, img = job.model.input_size()  # a backbone slimming cannot serve is refused here, in one line
+def _follow_model(job: DistillJob, model: ModelSpec, *, new_backbone: bool, fixed: set,
+                  card: Optional[str]) -> dict:
+    """What follows from the model: the data's size and channels (always: they must match it), and for
+    a new backbone its input normalisation (timm's pretrained config, or the card's) and the paper's
+    DeiT schedule scaled to its depth, unless `fixed` (given explicitly) names them. Paths become
+    absolute (Ray workers run in other directories)."""
+    in_chans, img = model.input_size()  # a backbone slimming cannot serve is refused here, in one line
     changes = {"data.img_size": img, "data.in_chans": in_chans}
     if new_backbone:
         if card:
             data = card_teacher(card).data
             mean, std = data.mean, data.std
         else:
-            cfg = job.model.pretrained_cfg()
+            cfg = model.pretrained_cfg()
             mean, std = cfg.get("mean"), cfg.get("std")
-        if mean is not None and std is not None and len(mean) in (1, in_chans):
+        if mean is not None and std is not None and len(mean) in (1, in_chans) and not {"data.mean", "data.std"} & fixed:
             changes.update({"data.mean": list(mean), "data.std": list(std)})
-        changes["model.schedule"] = PAPER_SCHEDULES["deit_flop_matched"].scaled_to(job.model.geometry().depth)
+        if "model.schedule" not in fixed:
+            changes["model.schedule"] = PAPER_SCHEDULES["deit_flop_matched"].scaled_to(model.geometry().depth)
     for path in ("data.root", "teacher_checkpoint", "teacher_pretrained"):
         value = _get(job, path)
         if value and value != "timm":
             changes[path] = os.path.abspath(os.path.expanduser(value))
-    return {k: v for k, v in changes.items() if k not in fixed}
+    return changes
 
 
 def _get(job: DistillJob, path: str):
@@ -203,16 +213,24 @@ def _parse_sets(items: list) -> dict:
         if not eq or not field.strip():
             raise ValueError(f"--set {item!r} must look like FIELD=VALUE, e.g. teacher_train.lr=3e-4")
         try:
-            changes[field.strip()] = yaml.safe_load(text) if text.strip() else None
+            changes[field.strip()] = yaml.load(text, Loader=_Loader) if text.strip() else None
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: VALUE is not valid YAML ({str(e).splitlines()[0]})") from None
     return changes
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load that also reads 5e-4 as a number (YAML 1.1 wants 5.0e-4; people and Python write 5e-4)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
 def _read_config(path: str) -> dict:
     try:
         with open(os.path.expanduser(path)) as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_Loader) or {}
     except OSError as e:
         raise ValueError(f"--config {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
