@@ -77,8 +77,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
                    "augreg_in21k_ft_in1k, vit_small_patch14_reg4_dinov2...): replaces the preset's backbone with timm's "
                    "defaults for it; data size and normalisation follow it, the schedule becomes the paper's DeiT "
                    "schedule scaled to its depth")
-    p.add_argument("--num-classes", type=positive_int, help="classes of the model's head (must match the data's)")
-    p.add_argument("--img-size", type=positive_int, help="input side in pixels, for the model and the data")
+    p.add_argument("--num-classes", type=positive_int, metavar="N", help="classes of the model's head (must match the data's)")
+    p.add_argument("--img-size", type=positive_int, metavar="PX", help="input side in pixels, for the model and the data")
     p.add_argument("--data", metavar="DIR", help="image folder with train/<class>/*.jpg and val/<class>/*.jpg, "
                    "or an IDX directory (Fashion-MNIST layout)")
     teacher = p.add_mutually_exclusive_group()

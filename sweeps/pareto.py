@@ -3,6 +3,8 @@
     python sweeps/pareto.py                         # local: Fashion-MNIST preset, <= 10 min on 2 cores
     python sweeps/pareto.py --smoke-test            # a couple of minutes
     python sweeps/pareto.py --resume                # continue a killed sweep (same --out / --name)
+    python sweeps/pareto.py --model deit3_small_patch16_224 --num-classes 37 --data pets \
+        --teacher-checkpoint my_deit3.pth --finetune-teacher 3 --out runs/pets    # your own ViT and images
     ray job submit --working-dir . -- python sweeps/pareto.py --preset deit-small-imagenet \\
         --data /mnt/shared/imagenet --teacher-checkpoint /mnt/shared/deit_small.pth \\
         --workers 4 --gpu --out /mnt/shared/runs/deit-s --tracking-uri http://HEAD:5000   # on a cluster
