@@ -264,6 +264,22 @@ def fixed_batch(dataset, n: int, seed: int) -> torch.Tensor:
     return torch.stack([dataset[int(i)][0] for i in order])
 
 
+def local_trainer(job: DistillJob, teacher_state: dict, *, threads: Optional[int] = None,
+                  device: str = "cpu") -> tuple[Trainer, DataLoader, "Splits"]:
+    """Everything one process needs to distil `job` alone (no workers): seeded like a Ray worker,
+    the job's data loaded, the task built from the teacher's weights, a Trainer ready at step 0."""
+    from .data import load_splits, train_loader
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(job.train.seed)
+    splits = load_splits(job.data)
+    loader = train_loader(splits.train, job.train.batch_size, cpus=threads or 1, pin_memory=device == "cuda")
+    task = distill_task(job, teacher_state, splits.train)
+    trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
+    return trainer, loader, splits
+
+
 def steps_per_epoch(recipe: TrainSpec, batches: int) -> int:
     """Optimiser steps per epoch: the loader's batches, capped by the recipe."""
     return max(1, min(batches, recipe.max_steps_per_epoch or batches))
