@@ -88,7 +88,7 @@ def load_state(job: DistillJob, path: str | Path) -> dict:
     """A teacher's state_dict from a local file (a plain state dict, a timm/PyTorch checkpoint with its
     usual wrappers, or a teacher card), checked to fit the job's backbone: ValueError with one line if
     not. A classifier for another class count is refused with the fix (fine-tune a new head first)."""
-    return _fit(job, _read_state(path), f"teacher checkpoint {path}", fresh_head_ok=False)[0]
+    return _fit(job, _read_state(path), f"teacher checkpoint {path}", fresh_head_ok=False).state
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def start_weights(job: DistillJob) -> StartWeights:
     `teacher_train.seed`, for `--finetune-teacher` to train. ValueError (one line) for anything else."""
     if job.teacher_checkpoint:
         return _fit(job, _read_state(job.teacher_checkpoint), f"teacher checkpoint {job.teacher_checkpoint}",
-                    fresh_head_ok=True)[1]
+                    fresh_head_ok=True)
     if job.teacher_pretrained:
         return _pretrained(job)
     raise ValueError("the job names no teacher weights (teacher_checkpoint or teacher_pretrained)")
@@ -144,7 +144,9 @@ def _classifier(model) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def _fit(job: DistillJob, state: dict, source: str, fresh_head_ok: bool) -> tuple[dict, StartWeights]:
+def _fit(job: DistillJob, state: dict, source: str, fresh_head_ok: bool) -> StartWeights:
+    """`state` loaded into the job's backbone; a classifier of another shape is left out (a fresh one
+    stays) if `fresh_head_ok`, else refused with the fix. Any other mismatch: 'does not fit'."""
     model = _seeded_teacher(job)
     own = model.state_dict()
     heads = _classifier(model)
@@ -168,8 +170,7 @@ def _fit(job: DistillJob, state: dict, source: str, fresh_head_ok: bool) -> tupl
                          f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
     if other_head and not fresh_head_ok:
         raise ValueError(_head_message(source, head_classes, model.num_classes))
-    trained = not other_head and not missing_head
-    return model.state_dict(), StartWeights(model.state_dict(), trained, head_classes, source)
+    return StartWeights(model.state_dict(), not other_head and not missing_head, head_classes, source)
 
 
 def _read_state(path: str | Path) -> dict:
