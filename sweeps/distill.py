@@ -52,17 +52,24 @@ def main(argv=None) -> int:
     if args.print_config:
         print(job_yaml(job), end="")
         return 0
+    from sweeps import storage
     from sweeps.runner import Session
     from sweeps.speed_probe import probe
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    out = storage.normalise(args.out)  # a directory, or an s3:// / gs:// URI Ray Train writes to
     t0 = time.time()
-    session = Session.start(job, storage=out, workers=args.workers, gpu=args.gpu,
-                            cpus_per_worker=args.cpus_per_worker, address=args.address)
+    try:
+        session = Session.start(job, storage=out, workers=args.workers, gpu=args.gpu,
+                                cpus_per_worker=args.cpus_per_worker, address=args.address,
+                                before_teacher=lambda cap: storage.check_shared_out(out, cap))
+    except ValueError as e:  # what only the running cluster can tell (a request it can never satisfy)
+        build_parser().exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")
     # a fresh run unless --name is reused: Ray Train resumes any run it finds under the same name
     name = args.name or f"distill-{job.model.schedule.reducer}-{job.model.architecture_key()}-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = session.distill(job, name, max_failures=args.max_failures)
+    try:
+        outcome = session.distill(job, name, max_failures=args.max_failures)
+    finally:
+        session.release()
     if outcome.status != "ok":
         print(f"distillation stopped: {outcome.failure or outcome.status}", file=sys.stderr)
         return 1
