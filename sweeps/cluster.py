@@ -135,30 +135,39 @@ def _live_capacity(alive: list) -> Capacity:
 
 
 def _config_capacity(path: str, alive: list) -> Capacity:
+    """Node types and counts as Ray's autoscaler reads them (AutoscalingConfig.get_node_type_configs:
+    a worker type's max_workers, one head, all workers capped by the global max_workers),
+    after the schema check `ray up` makes first. Read from the file itself: Ray's prepare step needs
+    provider defaults that some providers (fake_multinode in Ray 2.60) do not ship."""
+    import json
+
+    import jsonschema
+    import ray.autoscaler
     import yaml
-    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
 
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
-        config = AutoscalingConfig(raw, skip_content_hash=True)  # Ray's own prepare + validate
-        node_types = config.get_node_type_configs() or {}
+        schema = json.loads(open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")).read())
+        jsonschema.validate(raw, schema)
     except FileNotFoundError:
         raise ClusterError(f"--cluster-config {path} does not exist") from None
-    except Exception as e:  # noqa: BLE001  (yaml, jsonschema and Ray's own checks raise their own types)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (yaml.YAMLError, jsonschema.ValidationError) as e:
+        first = str(getattr(e, "message", e)).strip().splitlines()[0]
         raise ClusterError(f"cluster config {path} is not a valid Ray cluster config: {first}") from None
-    head_name = config.get_head_node_type()
+    node_types = raw.get("available_node_types") or {}
+    head_name = next(iter(node_types)) if len(node_types) == 1 else raw.get("head_node_type")
     live_head = next((_useful(n["Resources"]) for n in alive if "node:__internal_head__" in n.get("Resources", {})), {})
-    raw_types = raw.get("available_node_types", {})
     types = []
     for name, t in node_types.items():
-        resources = _useful(t.resources)
-        if name == head_name and not resources:  # `resources: {}`: Ray fills the head's in at start
+        head = name == head_name
+        resources = _useful(t.get("resources") or {})
+        if head and not resources:  # `resources: {}`: Ray fills the head's in when it starts
             resources = live_head
-        types.append(NodeType(name, resources, t.max_worker_nodes, head=name == head_name,
-                              spot=_is_spot(raw_types.get(name, {}).get("node_config", {}))))
-    return Capacity(types, config.get_max_num_worker_nodes(), f"autoscaler config {path}", True, len(alive))
+        # the head is one node (Ray's prepare step sets its type's max_workers to 0)
+        types.append(NodeType(name, resources, 1 if head else int(t.get("max_workers", 0)),
+                              head=head, spot=_is_spot(t.get("node_config") or {})))
+    return Capacity(types, raw.get("max_workers"), f"autoscaler config {path}", True, len(alive))
 
 
 def _is_spot(node_config: dict) -> bool:
@@ -187,9 +196,12 @@ class TrialShape:
 
 
 def shape_trials(cap: Capacity, *, num_workers: int, gpu: bool, cpus_per_worker: Optional[float] = None,
-                 concurrent: Optional[int] = None, trial_cpu: float = 0.0) -> TrialShape:
-    """Workers per trial and trials at once that fit `cap`; raises ClusterError if none can."""
+                 concurrent: Optional[int] = None, trial_cpu: float = 0.0, trials: Optional[int] = None) -> TrialShape:
+    """Workers per trial and trials at once that fit `cap` (no more than `trials`, the sweep's total);
+    raises ClusterError if none can."""
     shape = (_gpu_shape if gpu else _cpu_shape)(cap, num_workers, cpus_per_worker, concurrent, trial_cpu)
+    if trials and not concurrent:
+        shape.concurrent = min(shape.concurrent, trials)
     shape.retries = SPOT_TRIAL_RETRIES if cap.spot else 0
     return shape
 

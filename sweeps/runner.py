@@ -134,14 +134,14 @@ class Session:
     @classmethod
     def start(cls, job: DistillJob, *, storage: str, workers: int = 1, gpu: bool = False,
               cpus_per_worker: Optional[float] = None, concurrent: Optional[int] = 1, trial_cpu: float = 0.0,
-              address: Optional[str] = None, cluster_config: Optional[str] = None,
+              trials: Optional[int] = None, address: Optional[str] = None, cluster_config: Optional[str] = None,
               before_teacher: Callable[[cluster.Capacity], None] = lambda cap: None,
               log: Callable[[str], None] = print) -> "Session":
         device_batches(job.train, workers)  # a batch that does not split over the workers: one line, now
         log(init_ray(address))
         cap = cluster.read_capacity(cluster_config)
         kwargs = dict(num_workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker, trial_cpu=trial_cpu)
-        shape = cluster.shape_trials(cap, concurrent=concurrent, **kwargs)
+        shape = cluster.shape_trials(cap, concurrent=concurrent, trials=trials, **kwargs)
         one = cluster.shape_trials(cap, concurrent=1, **{**kwargs, "trial_cpu": 0.0})  # the teacher's run
         before_teacher(cap)  # the caller's checks that need the cluster (shared --out), before anything runs
         if shape.note:

@@ -159,6 +159,8 @@ def publish(local_dir: str, out: str, names: Iterable[str]) -> list[str]:
                     db.backup(copy)
                 pafs.copy_files(snap, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         else:
+            if os.path.isdir(src):  # pyarrow copies a tree's files, not its directories
+                fs.create_dir(dest, recursive=True)
             pafs.copy_files(src, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         copied.append(name)
     return copied

@@ -36,7 +36,7 @@ def run_sweep(plan) -> int:
     in_process = plan.workers == 1
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
-                            trial_cpu=0.0 if in_process else TRIAL_CPU, address=plan.address,
+                            trial_cpu=0.0 if in_process else TRIAL_CPU, trials=plan.trials, address=plan.address,
                             cluster_config=plan.cluster_config,
                             before_teacher=lambda cap: storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out))
     try:
