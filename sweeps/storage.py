@@ -92,6 +92,7 @@ def fetch(location: str, dest: str) -> str:
     if path is not None:
         return path
     fs, src = filesystem(location)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     pafs.copy_files(src, dest, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return dest
 
