@@ -199,7 +199,10 @@ def shape_trials(cap: Capacity, *, num_workers: int, gpu: bool, cpus_per_worker:
                  concurrent: Optional[int] = None, trial_cpu: float = 0.0, trials: Optional[int] = None) -> TrialShape:
     """Workers per trial and trials at once that fit `cap` (no more than `trials`, the sweep's total);
     raises ClusterError if none can."""
-    shape = (_gpu_shape if gpu else _cpu_shape)(cap, num_workers, cpus_per_worker, concurrent, trial_cpu)
+    if gpu:
+        shape = _gpu_shape(cap, num_workers, cpus_per_worker, concurrent, trial_cpu)
+    else:
+        shape = _cpu_shape(num_workers, cpus_per_worker, concurrent, trial_cpu, trials)
     if trials and not concurrent:
         shape.concurrent = min(shape.concurrent, trials)
     shape.retries = SPOT_TRIAL_RETRIES if cap.spot else 0
@@ -238,11 +241,12 @@ def _gpu_shape(cap, n, cpus_per_worker, concurrent, trial_cpu) -> TrialShape:
     return _with_concurrency(workers, bundles, max(1, trials), concurrent, cap)
 
 
-def _cpu_shape(cap, n, cpus_per_worker, concurrent, trial_cpu) -> TrialShape:
+def _cpu_shape(n, cpus_per_worker, concurrent, trial_cpu, trials) -> TrialShape:
     """CPU trials share the CPUs there are now (fractional reservations: a trial holding 1 CPU while
-    its workers ask for 1 each never starts on a 2-core node)."""
+    its workers ask for 1 each never starts on a 2-core node). CPU sweeps are the laptop case: an
+    autoscaler's CPU node types are not counted."""
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    fitted = concurrent or max(1, min(MAX_CPU_TRIALS, int(cpus)))
+    fitted = concurrent or max(1, min(MAX_CPU_TRIALS, int(cpus), trials or MAX_CPU_TRIALS))
     per_worker = cpus_per_worker or round((cpus / fitted - trial_cpu) / n * 0.95, 3)
     if per_worker <= 0 or fitted * (trial_cpu + n * per_worker) > cpus + 1e-9:
         raise ClusterError(f"{fitted} run(s) x ({trial_cpu:g} + {n} x {per_worker:g} CPU) exceed the "

@@ -104,6 +104,10 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
     start_epoch = _restore(tune.get_checkpoint(), trainer)
+    if start_epoch >= job.train.epochs:
+        # stopped (a reclaimed node, a killed driver) after its last checkpoint but before Tune saw it
+        # end: its last report already holds the final metrics; there is nothing left to train
+        return {"status": "ok", "resumed_from_epoch": start_epoch}
     last: dict = {}
 
     def report(metrics: dict, is_last: bool) -> None:

@@ -163,3 +163,15 @@ def test_pareto_gpu_on_a_cpu_only_machine_exits_2_in_one_line(tmp_path):
     assert len(errors) == 1 and "--gpu: no node of this cluster has a GPU" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not out.exists()
 
+
+
+def test_cpu_trials_share_the_live_cpus(monkeypatch):
+    import ray
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    live = Capacity([NodeType("live-0", {"CPU": 8.0}, 1)])
+    four = shape_trials(live, num_workers=1, gpu=False)
+    assert four.concurrent == 4 and four.workers == Workers(1, False, 1.9) and four.retries == 0
+    two = shape_trials(live, num_workers=1, gpu=False, trials=2)  # two trials get the CPUs four would share
+    assert two.concurrent == 2 and two.workers.cpus_per_worker == 3.8
+    with pytest.raises(ClusterError, match=r"4 run\(s\) x \(0.1 \+ 2 x 2 CPU\) exceed the cluster's 8 CPUs"):
+        shape_trials(live, num_workers=2, gpu=False, cpus_per_worker=2, concurrent=4, trial_cpu=0.1)
