@@ -6,6 +6,7 @@ through `sit_core.config.override`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from .config import DistillJob, LossWeights, ModelSpec, SpeedSpec, TrainSpec, override
 from .data import DataSpec
@@ -100,4 +101,23 @@ def smoke(job: DistillJob) -> DistillJob:
         changes.update({"data.train_subset": 1024, "data.val_subset": 256, "data.test_subset": 256,
                         "model.kwargs.embed_dim": 48, "model.kwargs.depth": 4, "model.kwargs.num_heads": 2,
                         "model.schedule": "1,2@0.6"})
+    return override(job, changes)
+
+
+# Fine-tuning a trained teacher on the user's data (`--finetune-teacher`): a short cosine from a
+# fine-tuning lr, no warm-up and none of the from-scratch regularisers. A new head learns fast (1e-3);
+# the whole backbone takes a smaller step (1e-4, timm's fine-tuning scale at batch ~128).
+FINETUNE_LR = {"head": 1e-3, "all": 1e-4}
+
+
+def finetune(job: DistillJob, epochs: int, mode: str = "head") -> DistillJob:
+    """The job with its teacher fine-tuned first (`mode`: head | all) for `epochs`. A job that was not
+    fine-tuning gets the fine-tuning recipe (its teacher recipe trained from scratch); one that was
+    (a job file) keeps its recipe, with the new epochs and mode."""
+    changes = {"teacher_finetune": mode, "teacher_train.epochs": epochs}
+    if job.teacher_finetune == "none":
+        recipe = TrainSpec(epochs=epochs, batch_size=job.train.batch_size, lr=FINETUNE_LR[mode], min_lr=1e-6,
+                           weight_decay=0.05, label_smoothing=0.1, device_batch_cap=job.train.device_batch_cap,
+                           amp=job.train.amp, seed=job.train.seed)
+        changes = {"teacher_finetune": mode, "teacher_train": dataclasses.asdict(recipe)}
     return override(job, changes)

@@ -51,9 +51,18 @@ class Task:
         return {k: v for k, v in self.net.state_dict().items() if not k.startswith("teacher.")}
 
 
-def teacher_task(job: DistillJob) -> Task:
-    """Train the plain backbone with cross-entropy."""
+def teacher_task(job: DistillJob, start_state: Optional[dict] = None) -> Task:
+    """Train the plain backbone with cross-entropy: from scratch, or fine-tune `start_state` (the
+    weights `teachers.start_weights` fitted to the backbone). `teacher_finetune == "head"` trains only
+    the classifier; the rest stays frozen (no gradients, no optimiser state)."""
     model = job.model.build_teacher(drop_path_rate=job.teacher_train.drop_path_rate)
+    if start_state is not None:
+        model.load_state_dict(start_state)
+    if job.teacher_finetune == "head":
+        heads = model.get_classifier()  # distilled DeiT: (head, head_dist)
+        head = {id(p) for h in (heads if isinstance(heads, tuple) else (heads,)) for p in h.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
 
     def loss(logits, targets):
         total = F.cross_entropy(logits, targets)  # targets: class indices or probabilities

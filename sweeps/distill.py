@@ -3,6 +3,8 @@
     python sweeps/distill.py --smoke-test                                   # < 1 min on 2 cores
     python sweeps/distill.py --preset fmnist-cpu --schedule 2,4@0.5 --lambda-token 1
     python sweeps/distill.py --config my_job.yaml --lr 5e-4                 # a job file, a flag on top
+    python sweeps/distill.py --model deit3_small_patch16_224 --num-classes 37 --data pets \
+        --teacher-checkpoint my_deit3.pth --finetune-teacher 3 --schedule 3,6,9@0.7      # your own ViT
     python sweeps/distill.py --preset deit-small-imagenet --data /data/imagenet \\
         --teacher-checkpoint deit_small.pth --workers 8 --gpu --out /mnt/shared/runs   # on a cluster
 

@@ -3,6 +3,8 @@
     python sweeps/pareto.py                         # local: Fashion-MNIST preset, <= 10 min on 2 cores
     python sweeps/pareto.py --smoke-test            # a couple of minutes
     python sweeps/pareto.py --resume                # continue a killed sweep (same --out / --name)
+    python sweeps/pareto.py --model deit3_small_patch16_224 --num-classes 37 --data pets \
+        --teacher-checkpoint my_deit3.pth --finetune-teacher 3 --out runs/pets    # your own ViT and images
     ray job submit --working-dir . -- python sweeps/pareto.py --preset deit-small-imagenet \\
         --data /mnt/shared/imagenet --teacher-checkpoint /mnt/shared/deit_small.pth \\
         --workers 4 --gpu --out /mnt/shared/runs/deit-s --tracking-uri http://HEAD:5000   # on a cluster
@@ -28,6 +30,7 @@ from typing import Optional
 if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from search_spaces import SearchSpace
 from sit_core.config import DistillJob
 from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
 from sweeps import storage
@@ -143,6 +146,7 @@ def make_plan(args) -> Plan:
     if args.print_config:
         return Plan(job, "", "", "", 0, 1, "", {}, (), Constraints(), False, False, "", 0, 1, False, None, None)
     validate_job(job)
+    SearchSpace.for_job(job, reducers=_reducers(args.reducers))  # every reducer must serve the model
     trials = args.trials or (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
     if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
@@ -150,9 +154,7 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--max-latency-ms {args.max_latency_ms} must be > 0")
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
-    reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
-    if not reducers or any(r not in REDUCERS for r in reducers):
-        raise ValueError(f"--reducers {args.reducers!r}: choose from {', '.join(REDUCERS)}")
+    reducers = _reducers(args.reducers)
     if args.export not in ("front", "knee") and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
     if args.export.startswith("budget:"):
@@ -163,7 +165,7 @@ def make_plan(args) -> Plan:
         if not budget > 0:
             raise ValueError(f"--export {args.export!r}: the budget must be a latency in ms > 0, e.g. budget:12.5")
     out = storage.normalise(args.out)
-    name = args.name or f"pareto-{args.preset}{'-smoke' if args.smoke_test else ''}"
+    name = args.name or f"pareto-{job.name}{'-smoke' if args.smoke_test else ''}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         # it names a directory, a Tune experiment and an MLflow tag matched in filters (no quotes)
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
@@ -184,6 +186,13 @@ def make_plan(args) -> Plan:
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
                 cpus_per_worker=args.cpus_per_worker, address=args.address, local_dir=local_dir,
                 optuna_url=optuna_url, shared_out=args.shared_out, cluster_config=args.cluster_config)
+
+
+def _reducers(text: str) -> tuple:
+    reducers = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not reducers or any(r not in REDUCERS for r in reducers):
+        raise ValueError(f"--reducers {text!r}: choose from {', '.join(REDUCERS)}")
+    return reducers
 
 
 def main(argv=None) -> int:

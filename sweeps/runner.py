@@ -8,7 +8,9 @@ the object store, and run one distillation on a `TorchTrainer`.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -151,7 +153,7 @@ class Session:
             log(f"asked the autoscaler for {len(requested)} bundle(s): {shape.describe()} ({cap.describe()})")
         try:
             teacher = ensure_teacher(job, workers=one.workers, storage=storage, log=log)
-            teacher_ref = ray.put(teachers.load_state(job, teacher.path))
+            teacher_ref = ray.put(teachers.teacher_state(job, teacher))
         except BaseException:
             cluster.release(cap)
             raise
@@ -166,10 +168,15 @@ class Session:
 
 
 def ensure_teacher(job: DistillJob, *, workers: Workers, storage: str, log=print) -> teachers.TeacherRecord:
-    """The teacher's weights: the job's checkpoint file, a shipped or cached one, or trained now and cached."""
-    if job.teacher_checkpoint:
+    """The teacher's weights: the job's checkpoint file or timm's pretrained weights as they are, or a
+    shipped or cached teacher trained (or fine-tuned from those weights) for this job, else trained
+    (fine-tuned) now and cached."""
+    if job.teacher_finetune == "none" and job.teacher_checkpoint:
         teachers.load_state(job, job.teacher_checkpoint)  # fail now, before any worker starts
         return teachers.TeacherRecord(Path(job.teacher_checkpoint), job.teacher_key(), {}, "checkpoint", {})
+    if job.teacher_finetune == "none" and job.teacher_pretrained:  # loaded (and checked) by the caller
+        path = None if job.teacher_pretrained == "timm" else Path(job.teacher_pretrained)
+        return teachers.TeacherRecord(path, job.teacher_key(), {}, "pretrained", {})
     found = teachers.find(job)
     if found is not None:
         log(f"teacher: {found.source} {found.path} (config {found.key}, val top-1 "
@@ -181,10 +188,18 @@ def ensure_teacher(job: DistillJob, *, workers: Workers, storage: str, log=print
 def train_teacher(job: DistillJob, *, workers: Workers, storage: str, dest: Path, log=print,
                   **record) -> teachers.TeacherRecord:
     recipe = job.teacher_train
-    log(f"teacher: training {job.model.backbone} for {recipe.epochs} epoch(s) (config {job.teacher_key()}); "
+    start, what = None, "training"
+    if job.teacher_finetune != "none":  # fine-tune the user's weights (a fresh head if the classes differ)
+        weights = teachers.start_weights(job)
+        start, what = ray.put(weights.state), f"fine-tuning ({job.teacher_finetune}) {weights.source}:"
+        started = {"finetune": job.teacher_finetune, "source": weights.source, "weights": job.teacher_source(),
+                   "head_trained": weights.head_trained, "head_classes": weights.head_classes}
+        record = {"command": shlex.join(["python", *sys.argv]), "start": started, **record}
+    log(f"teacher: {what} {job.model.backbone} for {recipe.epochs} epoch(s) (config {job.teacher_key()}); "
         f"it is cached in {dest.parent} for the next runs")
     t0 = time.time()
-    out = fit(job, mode="teacher", workers=workers, storage_path=storage, run_name=f"teacher-{job.teacher_key()}")
+    out = fit(job, mode="teacher", teacher=start, workers=workers, storage_path=storage,
+              run_name=f"teacher-{job.teacher_key()}")
     if out.status != "ok" or out.model_path is None:
         raise RuntimeError(f"teacher training failed: {out.failure or out.status}")
     import torch

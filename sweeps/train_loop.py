@@ -47,7 +47,8 @@ def train_func(config: dict) -> None:
     test = eval_loader(Subset(splits.test, range(rank, len(splits.test), world)), EVAL_BATCH, cpus=cpus,
                        pin_memory=pin)
 
-    task = teacher_task(job) if teacher_mode else distill_task(job, _teacher_state(config["teacher"]), splits.train)
+    start = _teacher_state(config["teacher"]) if config.get("teacher") is not None else None  # fine-tune: its start
+    task = teacher_task(job, start) if teacher_mode else distill_task(job, start, splits.train)
     trainer = Trainer(task, recipe, steps_per_epoch=steps_per_epoch(recipe, len(loader)), device=device,
                       model=ray.train.torch.prepare_model(task.net), reduce=_all_reduce, world=world)
     start_epoch = _restore(ray.train.get_checkpoint(), trainer)

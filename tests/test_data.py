@@ -262,3 +262,22 @@ def test_eval_loaders_decode_with_the_spare_cpus_and_the_val_subset_reaches_scor
     assert test.num_workers == 2 and not test.persistent_workers  # scored once
     fm = load_splits(DataSpec(root=make_fake_fashion(tmp_path / "fm")))
     assert eval_loader(fm.val, 8, cpus=4, persistent=True).num_workers == 0  # in-memory tensors
+
+
+def test_deit_randaugment_posterize_at_full_magnitude_gives_a_black_image(tmp_path):
+    """DeiT's 'rand-m9-mstd0.5-inc1' asks posterize to keep 0 bits at magnitude 10 (the TF reference: a
+    black image); Pillow 13 raises instead, which crashed ~1 batch of 64 in 10. The op must not raise."""
+    import copy
+
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import RandAugment
+    from sit_core.data import folder_transforms
+
+    train_tf, _ = folder_transforms(DataSpec(kind="folder", root=str(tmp_path), img_size=16, in_chans=3))
+    augment = next(t for t in train_tf.transforms if isinstance(t, RandAugment))
+    op = copy.copy(next(o for o in augment.ops if o.name == "PosterizeIncreasing"))
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    assert np.asarray(op(img)).max() == 0                          # keep 0 bits: black
+    op.magnitude = 5                                               # 4 - int(5 / 10 * 4) = 2 bits
+    assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 2)))
