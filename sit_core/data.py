@@ -346,16 +346,32 @@ def check_data(spec: DataSpec, num_classes: Optional[int] = None) -> tuple[str, 
     return classes
 
 
-def train_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False) -> DataLoader:
-    """Shuffled training batches. In-memory tensors need no loader workers; decoded images (JPEG
-    folders) get the worker's CPUs but one, kept alive across epochs and prefetching, so a GPU is fed."""
+def loader_workers(dataset: Dataset, cpus: float) -> int:
+    """DataLoader worker processes for `dataset` on `cpus` reserved CPUs: in-memory tensors need none;
+    decoded images (JPEG folders) get the CPUs but one (the training process keeps that one)."""
     in_memory = isinstance(getattr(dataset, "dataset", dataset), TensorImages)
-    workers = 0 if in_memory else max(0, int(cpus) - 1)
+    return 0 if in_memory else max(0, int(cpus) - 1)
+
+
+def train_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False) -> DataLoader:
+    """Shuffled training batches, decoded by `loader_workers` processes kept alive across epochs and
+    each prefetching two batches (more would hold gigabytes of pinned host memory at batch 1024)."""
+    workers = loader_workers(dataset, cpus)
     # full batches only, unless the (small, user's own) folder holds less than one: then one short batch,
     # not an epoch of no steps at all
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
-                      num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+                      num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False,
+                persistent: bool = False) -> DataLoader:
+    """Batches in order for scoring, decoded like `train_loader`'s; `persistent` keeps the workers
+    alive between epochs (validation runs every epoch, the test set once)."""
+    workers = loader_workers(dataset, cpus)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory)
 
 
 def load_splits(spec: DataSpec) -> Splits:

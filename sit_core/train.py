@@ -280,6 +280,19 @@ def local_trainer(job: DistillJob, teacher_state: dict, *, threads: Optional[int
     return trainer, loader, splits
 
 
+def device_batches(recipe: TrainSpec, world: int) -> tuple[int, int]:
+    """(images per worker per optimiser step, most images per forward on one device).
+
+    The global batch is split exactly over the `world` workers, and each worker's share is cut into
+    forwards of at most `device_batch_cap` whose gradients `Trainer` sums: the recipe's global batch
+    holds for any number of workers, and `--workers 1` never puts 1024 images on one GPU at once."""
+    if recipe.batch_size % world:
+        raise ValueError(f"batch_size {recipe.batch_size} does not split evenly over {world} workers: "
+                         f"choose a worker count that divides it (or --batch-size)")
+    per_worker = recipe.batch_size // world
+    return per_worker, min(per_worker, recipe.device_batch_cap or per_worker)
+
+
 def steps_per_epoch(recipe: TrainSpec, batches: int) -> int:
     """Optimiser steps per epoch: the loader's batches, capped by the recipe."""
     return max(1, min(batches, recipe.max_steps_per_epoch or batches))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -25,7 +26,7 @@ import pandas as pd
 from search_spaces import apply_point
 from sit_core.card import write_card
 from sit_core.config import DistillJob
-from sweeps import pareto_front, results, tracking
+from sweeps import pareto_front, results, storage, tracking
 from sweeps.cli import doc_parser
 from sweeps.pareto_front import Constraints
 from sweeps.train_loop import MODEL_FILE
@@ -53,14 +54,16 @@ def pick_rows(table: pd.DataFrame, pick: str, objectives: Mapping[str, str]) -> 
 def export_cards(rows: pd.DataFrame, cards_dir: str, base_job: DistillJob, mlflow_info: Mapping) -> list[Path]:
     """One card per row: the row's job (the base job with its point applied), metrics and weights."""
     paths = []
-    for _, row in rows.iterrows():
-        job = apply_point(base_job, row["config"])
-        name = f"{job.model.schedule.reducer}-{int(row['trial_number'])}"
-        metrics = {m: (None if pd.isna(row.get(m)) else float(row[m])) for m in CARD_METRICS if m in row}
-        speed = {k.removeprefix("speed."): row[k] for k in row.index if k.startswith("speed.") and pd.notna(row[k])}
-        paths.append(write_card(
-            Path(cards_dir, f"{name}.yaml"), name=name, job=job, weights_path=Path(row["checkpoint"], MODEL_FILE),
-            metrics=metrics, speed=speed, mlflow={**mlflow_info, "run_id": row.get("run_id")}))
+    with tempfile.TemporaryDirectory() as tmp:  # weights of checkpoints in object storage come here first
+        for _, row in rows.iterrows():
+            job = apply_point(base_job, row["config"])
+            name = f"{job.model.schedule.reducer}-{int(row['trial_number'])}"
+            metrics = {m: (None if pd.isna(row.get(m)) else float(row[m])) for m in CARD_METRICS if m in row}
+            speed = {k.removeprefix("speed."): row[k] for k in row.index if k.startswith("speed.") and pd.notna(row[k])}
+            weights = storage.fetch(storage.join(row["checkpoint"], MODEL_FILE), os.path.join(tmp, f"{name}.pt"))
+            paths.append(write_card(
+                Path(cards_dir, f"{name}.yaml"), name=name, job=job, weights_path=weights,
+                metrics=metrics, speed=speed, mlflow={**mlflow_info, "run_id": row.get("run_id")}))
     return paths
 
 
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--cards-dir", help="where cards go (default: OUT/cards)")
     args = p.parse_args(argv)
     try:
-        out = os.path.abspath(args.out)
+        out = storage.normalise(args.out)
         sweep = _recorded_sweep(out)
         uri = tracking.resolve_tracking_uri(args.tracking_uri or sweep["tracking_uri"], out)
         exp_id = tracking.ensure_experiment(uri, sweep.get("experiment", "sit-pareto"))
@@ -84,9 +87,15 @@ def main(argv=None) -> int:
         constraints = Constraints(record["max_latency_ms"], record["min_top1"])
         table = results.from_mlflow(tracking.trial_table(uri, exp_id, parent), objectives, constraints)
         base_job = DistillJob.from_dict(record["base_job"])
-        paths = export_cards(pick_rows(table, args.pick, objectives), args.cards_dir or os.path.join(out, "cards"),
+        remote = storage.local_path(out) is None and not args.cards_dir  # cards go to OUT/cards via a local copy
+        staged = tempfile.mkdtemp(prefix="sit-cards-") if remote else None
+        cards_dir = args.cards_dir or os.path.join(staged or out, "cards")
+        paths = export_cards(pick_rows(table, args.pick, objectives), cards_dir,
                              base_job, {"tracking_uri": uri, "experiment": sweep.get("experiment", "sit-pareto"),
                                         "parent_run_id": parent})
+        if staged:
+            storage.publish(staged, out, ["cards"])
+            paths = [storage.join(out, "cards", p.name) for p in paths]
     except (ValueError, LookupError, KeyError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     for path in paths:
@@ -95,10 +104,10 @@ def main(argv=None) -> int:
 
 
 def _recorded_sweep(out: str) -> dict:
-    marker = Path(out, "sweep.json")
-    if not marker.exists():
+    marker = storage.join(out, "sweep.json")
+    if not storage.exists(marker):
         raise ValueError(f"{out} holds no sweep (no sweep.json): pass --out of a finished sweep")
-    return json.loads(marker.read_text())
+    return json.loads(storage.read_text(marker))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 from ray.tune import Callback
 
-from . import tracking
+from . import storage, tracking
 
 # Result keys Tune adds itself: bookkeeping, not metrics of the candidate.
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
@@ -69,7 +69,7 @@ class TrialRunLogger(Callback):
         tracking.end_trial_run(self.uri, self._run(trial), status,
                                tags={"sit.stopped_early": str(status == "KILLED").lower(),
                                      "sit.nodes": ",".join(n for n in nodes if n),
-                                     **({"sit.checkpoint": checkpoint.path} if checkpoint else {})})
+                                     **({"sit.checkpoint": storage.checkpoint_location(checkpoint)} if checkpoint else {})})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tracking.end_trial_run(self.uri, self._run(trial), "FAILED", failure=_error_text(trial))

@@ -17,6 +17,7 @@ from sit_core.data import (
     DataError,
     DataSpec,
     check_data,
+    eval_loader,
     load_splits,
     split_indices,
     train_loader,
@@ -247,6 +248,20 @@ def test_loaders_use_workers_only_for_decoded_images(tmp_path):
     loader = train_loader(folder.train, 2, cpus=4, pin_memory=True)
     assert loader.num_workers == 3 and loader.persistent_workers and loader.pin_memory
     assert train_loader(folder.train, 2, cpus=1).num_workers == 0       # nothing to spare
+    assert loader.prefetch_factor == 2  # two batches per worker: batch-1024 prefetching stays within host memory
+
+
+def test_eval_loaders_decode_with_the_spare_cpus_and_the_val_subset_reaches_scoring(tmp_path):
+    spec = DataSpec(kind="folder", root=make_image_tree(tmp_path / "imgs", n_train=8), img_size=16, in_chans=3,
+                    val_fraction=0.5, val_subset=3)
+    splits = load_splits(spec)
+    val = eval_loader(splits.val, 2, cpus=3, pin_memory=True, persistent=True)
+    assert val.num_workers == 2 and val.persistent_workers and val.pin_memory
+    assert sum(len(y) for _, y in val) == 3  # --val-subset: what top-1 is scored on, not the whole held-out part
+    test = eval_loader(splits.test, 2, cpus=3)
+    assert test.num_workers == 2 and not test.persistent_workers  # scored once
+    fm = load_splits(DataSpec(root=make_fake_fashion(tmp_path / "fm")))
+    assert eval_loader(fm.val, 8, cpus=4, persistent=True).num_workers == 0  # in-memory tensors
 
 
 def test_deit_randaugment_posterize_at_full_magnitude_gives_a_black_image(tmp_path):
