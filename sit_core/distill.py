@@ -1,7 +1,7 @@
 """Everything that exists only for training: the distillation wrapper and student-from-teacher.
 
 `FRDDistiller(student, teacher)` holds the student, the frozen teacher and one RTSM per block from
-the first reducing block on (SPEC "RTSM"); its forward returns what `FRDLoss` needs. Per-block
+the first reducing block on (docs/method.md "RTSM"); its forward returns what `FRDLoss` needs. Per-block
 tokens come from timm's own `forward_intermediates` (NLC, before the final norm, prefix tokens
 split off), which follows the slimmed token counts: at a TSM block it yields the TSM's output, so
 block -> TSM -> RTSM is compared with the teacher's block output and every TSM trains as the

@@ -1,4 +1,4 @@
-"""Feature Recalibration Distillation loss (SPEC "FRD"): CE + token MSE over all blocks + logit KD."""
+"""Feature Recalibration Distillation loss (docs/method.md "FRD"): CE + token MSE over all blocks + logit KD."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -1,4 +1,4 @@
-"""LV-ViT as SiT uses it (SPEC "Backbones"), built on timm's VisionTransformer, not forked.
+"""LV-ViT as SiT uses it (docs/method.md "Backbones"), built on timm's VisionTransformer, not forked.
 
 Two pieces differ from timm's ViT and both plug into VisionTransformer's own hooks:
   * `LVViTBlock` (`block_fn`): residual branches divided by a constant `skip_lam`;
@@ -37,7 +37,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class LVViTVariant:
-    """One LV-ViT backbone row of the SPEC table (head_dim = embed_dim // num_heads = 64)."""
+    """One LV-ViT backbone row of the table in docs/method.md (head_dim = embed_dim // num_heads = 64)."""
 
     embed_dim: int
     depth: int

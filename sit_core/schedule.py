@@ -6,7 +6,7 @@ Two forms, one type (`SlimSchedule`):
     A TSM runs after the block; drop (EViT) and merge (ToMe) reduce inside it, between its
     attention and its MLP, as their papers do. Either way block p+1 is the first to see fewer tokens.
     Token counts are cumulative: stage i keeps int(N0 * keep_1 * ... * keep_i) patch tokens
-    (SPEC's 196 -> 98 -> 49 -> 24 for keep 0.5 at 224 px), the same count for every reducer.
+    (docs/method.md's 196 -> 98 -> 49 -> 24 for keep 0.5 at 224 px), the same count for every reducer.
   * r per block (ToMe's own form, `merge:r13`): every block merges min(r, n // 2) of its n patch tokens
     (ToMe's cap: one bipartite round removes at most half). Merge only.
 
@@ -305,10 +305,10 @@ def _sit(backbone: str, depth: int, after: tuple[int, ...], stage_blocks: str) -
 
 
 PAPER_SCHEDULES: dict[str, PaperSchedule] = {
-    # SPEC "Backbones": the FLOP-matched DeiT-S schedule the peers are compared at.
+    # docs/method.md "Backbones": the FLOP-matched DeiT-S schedule the peers are compared at.
     "deit_flop_matched": PaperSchedule("deit_small_patch16_224", 12, SlimSchedule((3, 6, 9), 0.7),
-                                       "SPEC: FLOP-matched DeiT-S schedule used by the peers (TSMs after 3, 6, 9)"),
-    # SPEC table: the SiT students on LV-ViT (XS and S share the LV-ViT-S teacher).
+                                       "docs/method.md: FLOP-matched DeiT-S schedule used by the peers (TSMs after 3, 6, 9)"),
+    # table in docs/method.md: the SiT students on LV-ViT (XS and S share the LV-ViT-S teacher).
     "sit_lvvit_tiny": _sit("lvvit_tiny", 14, (1, 2, 3), "1,1,1,11"),
     "sit_lvvit_xsmall": _sit("lvvit_small", 16, (1, 2, 3), "1,1,1,13"),
     "sit_lvvit_small": _sit("lvvit_small", 16, (9, 12, 14), "9,3,2,2"),

@@ -1,4 +1,4 @@
-"""SiT's Token Slimming Module (TSM) and its training-only inverse (RTSM), exactly as in SPEC.
+"""SiT's Token Slimming Module (TSM) and its training-only inverse (RTSM), exactly as in docs/method.md.
 
 Both initialise like the official code and timm's ViT: Linear weights trunc_normal(std 0.02),
 biases zero, LayerNorms at (1, 0). A random TSM therefore starts near uniform averaging;
@@ -13,7 +13,7 @@ from torch import nn
 
 
 class TokenSlimming(nn.Module):
-    """Soft aggregation of N patch tokens into N' (SPEC "TSM").
+    """Soft aggregation of N patch tokens into N' (docs/method.md "TSM").
 
     Each output slot is a convex combination of the input tokens: the softmax runs over the
     INPUT axis, so dense static-shape matmuls only (no sort/top-k/gather, export-friendly).
@@ -42,7 +42,7 @@ class TokenSlimming(nn.Module):
 
 
 class ReverseTokenSlimming(nn.Module):
-    """Maps slimmed tokens (B, N', C) back to (B, N, C) for feature distillation (SPEC "RTSM").
+    """Maps slimmed tokens (B, N', C) back to (B, N, C) for feature distillation (docs/method.md "RTSM").
 
     Training only: lives in the distillation wrapper, never in the inference model.
     """

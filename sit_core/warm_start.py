@@ -17,7 +17,7 @@ around N' well-spread centres of the token grid:
      left as they are) gives the last Linear's weight and bias; the scale is reset to 1.
 Token features carry the position embeddings, which is what makes position linearly readable.
 Only the TSMs change; the backbone and RTSMs are untouched. Whether it stays an option or becomes
-the default is for a training comparison to decide (see `tests/tsm_warm_start_experiment.py`).
+the default is decided by `sweeps/compare_reducers.py --arms sit,sit+pool` (README).
 """
 from __future__ import annotations
 

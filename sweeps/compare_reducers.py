@@ -1,17 +1,26 @@
-"""Benchmark: SiT (TSM + FRD) vs hard drop vs merge at the same schedules and training budget.
+"""Benchmark: SiT (TSM + FRD) vs hard drop vs merge vs no distillation, at the same MACs and budget.
 
-    python sweeps/compare_reducers.py                      # Fashion-MNIST CPU preset, ~10 min on 2 cores
-    python sweeps/compare_reducers.py --epochs 3 --workers 1
+    python sweeps/compare_reducers.py                               # fmnist-cpu: 2 budgets x 3 seeds (~1 h on 2 cores)
+    python sweeps/compare_reducers.py --budgets 1 --seeds 0         # one budget, one seed (~10 min)
+    python sweeps/compare_reducers.py --arms sit,sit+pool --budgets 5   # the TSM warm-start A/B
 
-Every reducer is distilled from the same cached teacher with the same recipe (the preset's sweep
-trial budget unless --epochs/--max-steps say otherwise) and FRD loss (the
-peers get the same RTSM feature distillation, so only the reducer differs), at a mild schedule
-(~1.7x fewer MACs) and an aggressive one (~3.5x). Prints top-1 as a fraction of the teacher's,
-MACs, and the measured speed-up next to the FLOPs-predicted one. A benchmark, not a test.
+Every arm starts from the preset's teacher (shipped, cached or checkpoint) and is trained by the
+project's own training code (`sit_core.train`, the code a one-worker sweep trial runs) with the
+preset's recipe, at two MAC reductions (~1.7x and ~3.5x) and at budgets that are multiples of the
+preset's sweep-trial budget (epochs x max_steps_per_epoch steps; x5 means 5x the steps per epoch):
+  sit       TSMs after the blocks, FRD (lambda_token = lambda_logits = 2, tau = 1), random TSM start
+  sit+pool  the same, TSMs warm-started as a spatial pooling (sit_core.warm_start)
+  drop      EViT: top-k by the block's class attention between attention and MLP, dropped tokens fused
+  merge     ToMe at the same positions, proportional attention
+  ce-only   SiT's TSMs trained with cross-entropy only (no distillation)
+The peers get the same FRD loss (RTSMs on their tokens), so only the reducer differs. They reduce
+inside a block, so at the same positions they remove more MACs than a TSM after it: their keep
+ratio is set so their MACs match SiT's (within ~1%). Seeds change the TSM/RTSM init and the data
+order. Prints mean +- std over seeds of test top-1 and its share of the teacher's, and writes every
+run to OUT/runs.csv and the summary to OUT/summary.csv. A benchmark, not a test.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -21,63 +30,118 @@ if __package__ in (None, ""):
 
 import pandas as pd
 
-from sweeps.cli import doc_parser
+from sit_core.config import DistillJob, override
 from sit_core.presets import PRESETS, get_preset
-from sit_core.schedule import SlimSchedule
+from sweeps.cli import doc_parser
 
-# MAC reductions measured with sit_core.measure.count_macs on the fmnist-cpu ViT (6 blocks, 64 tokens).
-SCHEDULES = {"mild": "2,4@0.5", "aggressive": "1,2,3@0.35"}
+# Same positions for every arm; the peers' keep ratio matches SiT's MACs on the fmnist-cpu ViT
+# (sit_core.measure.count_macs: 1.69x vs 1.69x, 3.48x vs 3.52x).
+SCHEDULES = {"1.7x": {"tsm": "2,4@0.5", "peer": "2,4@0.62"},
+             "3.5x": {"tsm": "1,2,3@0.35", "peer": "1,2,3@0.53"}}
+ARMS = {  # name -> (reducer, schedule suffix, job changes)
+    "sit": ("tsm", "", {}),
+    "sit+pool": ("tsm", "", {"train.tsm_init": "pool"}),
+    "drop": ("drop", "+fuse", {}),
+    "merge": ("merge", "", {}),
+    "ce-only": ("tsm", "", {"loss.lambda_token": 0.0, "loss.lambda_logits": 0.0}),
+}
+
+
+def arm_job(base: DistillJob, arm: str, schedule: str, budget: int, seed: int) -> DistillJob:
+    reducer, suffix, changes = ARMS[arm]
+    text = SCHEDULES[schedule]["tsm" if reducer == "tsm" else "peer"] + suffix
+    steps = base.train.max_steps_per_epoch
+    return override(base, {"name": f"{arm}-{schedule}-x{budget}-s{seed}", "model.schedule": f"{reducer}:{text}",
+                           "train.seed": seed, "train.max_steps_per_epoch": steps * budget if steps else None,
+                           **changes})
+
+
+def run_one(job: DistillJob, teacher_state: dict, threads: int) -> dict:
+    """Distil `job` in this process with the project's training code; its final metrics."""
+    from sit_core.measure import count_macs
+    from sit_core.train import local_trainer, run_epochs
+
+    trainer, loader, splits = local_trainer(job, teacher_state, threads=threads)
+    final = {}
+    run_epochs(trainer, loader, splits.val, splits.test, start_epoch=0,
+               report=lambda metrics, last: final.update(metrics))
+    model = trainer.task.inference_model
+    return {"val_top1": final["val_top1"], "test_top1": final.get("test_top1"), "status": final["status"],
+            "mmacs": count_macs(model, job.data.img_size, job.data.in_chans) / 1e6,
+            "steps": trainer.step_count}
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    return (runs.groupby(["schedule", "budget", "arm"], sort=False)
+            .agg(seeds=("seed", "count"), mmacs=("mmacs", "first"), macs_saved=("macs_saved", "first"),
+                 val_mean=("val_top1", "mean"), test_mean=("test_top1", "mean"), test_std=("test_top1", "std"),
+                 of_teacher_mean=("of_teacher", "mean"), of_teacher_std=("of_teacher", "std"))
+            .reset_index())
 
 
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
     p.add_argument("--preset", default="fmnist-cpu", choices=sorted(PRESETS))
-    p.add_argument("--epochs", type=int, help="distillation epochs (default: the preset's)")
-    p.add_argument("--reducers", default="tsm,drop,merge")
-    p.add_argument("--max-steps", type=int, help="steps per epoch (default: the preset's cap)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, help="default: the node's CPUs split over the workers")
-    p.add_argument("--out", default="runs/compare_reducers")
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma list of %(default)s")
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list of %(default)s")
+    p.add_argument("--budgets", default="1,5", help="multiples of the preset's trial budget (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    p.add_argument("--out", default="runs/compare_reducers", help="where runs.csv and summary.csv go")
     args = p.parse_args(argv)
+    try:
+        arms, schedules = args.arms.split(","), args.schedules.split(",")
+        budgets, seeds = [int(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")]
+        unknown = [a for a in arms if a not in ARMS] + [s for s in schedules if s not in SCHEDULES]
+        if unknown or not all(b >= 1 for b in budgets):
+            raise ValueError(f"unknown arms/schedules {unknown} or a budget < 1 in {budgets}")
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
-    import ray
-    from sweeps.runner import DEFAULT_CACHE, Workers, ensure_teacher, fit, init_ray, load_teacher_state
-    from sweeps.speed_probe import probe
+    from sit_core import teachers
+    from sit_core.measure import count_macs
+    from sit_core.train import local_trainer
 
-    job = get_preset(args.preset)
-    job.train = dataclasses.replace(job.train, epochs=args.epochs or job.train.epochs,
-                                    max_steps_per_epoch=args.max_steps or job.train.max_steps_per_epoch)
-    print(init_ray())
-    workers = Workers(args.workers, False,
-                      args.cpus_per_worker or max(1.0, ray.cluster_resources().get("CPU", 1) // args.workers))
-    out = os.path.abspath(args.out)
-    teacher = ensure_teacher(job, cache_dir=args.cache_dir or DEFAULT_CACHE, workers=workers, storage_path=out)
-    ref = ray.put(load_teacher_state(job, teacher.path))
-    t_top1 = teacher.metrics["val_top1"]
+    base = get_preset(args.preset)
+    record = teachers.find(base)
+    if record is None:
+        p.exit(2, f"{p.prog}: error: no shipped or cached teacher for {args.preset}: run "
+                  f"`python sweeps/train_teacher.py --preset {args.preset}` first\n")
+    state = teachers.load_state(base, record.path)
+    # the plain backbone as a "student" with no reducer: every weight copied from the teacher
+    teacher_eval, _, splits = local_trainer(override(base, {"model.schedule": "none"}), state, threads=args.threads)
+    t_val, t_test = teacher_eval.top1(splits.val), teacher_eval.top1(splits.test)
+    t_macs = count_macs(teacher_eval.task.inference_model, base.data.img_size, base.data.in_chans) / 1e6
+    print(f"teacher {record.path.name}: val top-1 {t_val:.2f}%, test top-1 {t_test:.2f}%, {t_macs:.2f} MMACs/image")
+
+    os.makedirs(args.out, exist_ok=True)
     rows = []
-    for label, text in SCHEDULES.items():
-        for reducer in args.reducers.split(","):
-            cand = dataclasses.replace(job, name=f"{reducer}-{label}")
-            cand.model = job.model.with_schedule(SlimSchedule.parse(text, reducer=reducer))
-            t0 = time.time()
-            outcome = fit(cand, mode="distill", teacher=ref, workers=workers, storage_path=out,
-                          run_name=f"{reducer}-{label}-{int(t0)}", probe_lock=False)
-            speed = probe(cand.model, cand.speed)
-            m = outcome.metrics
-            rows.append({"schedule": f"{label} ({text})", "reducer": reducer, "val_top1": m.get("val_top1"),
-                         "test_top1": m.get("test_top1"), "of_teacher": m.get("val_top1", float("nan")) / t_top1,
-                         "gmacs": speed["gmacs"], "flops_speedup": speed["flops_speedup"],
-                         "measured_speedup": speed["speedup"], "train_s": sum(h.get("train_s", 0) for h in outcome.history),
-                         "status": outcome.status})
-            print(rows[-1], flush=True)
-    table = pd.DataFrame(rows)
-    print(f"\nteacher: val top-1 {t_top1:.2f}% test top-1 {teacher.metrics.get('test_top1', float('nan')):.2f}% "
-          f"({job.model.backbone} {job.model.kwargs}); recipe {dataclasses.asdict(job.train)}")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"speed protocol: {speed['speed']['protocol']} (student and teacher interleaved, p50 latency ratio)")
-    os.makedirs(out, exist_ok=True)
-    table.to_csv(os.path.join(out, "compare_reducers.csv"), index=False)
+    total = len(schedules) * len(budgets) * len(arms) * len(seeds)
+    for budget in budgets:
+        for schedule in schedules:
+            for arm in arms:
+                for seed in seeds:
+                    job = arm_job(base, arm, schedule, budget, seed)
+                    t0 = time.time()
+                    r = run_one(job, state, args.threads)
+                    r.update(arm=arm, schedule=schedule, budget=budget, seed=seed, spec=str(job.model.schedule),
+                             train_s=round(time.time() - t0, 1), macs_saved=t_macs / r["mmacs"],
+                             of_teacher=100 * r["test_top1"] / t_test)
+                    rows.append(r)
+                    print(f"[{len(rows)}/{total}] {arm:8s} {schedule} x{budget} seed {seed} ({r['spec']}, "
+                          f"{r['macs_saved']:.2f}x fewer MACs): val {r['val_top1']:.2f} test {r['test_top1']:.2f} "
+                          f"({r['of_teacher']:.1f}% of teacher) in {r['train_s']:.0f}s", flush=True)
+                    pd.DataFrame(rows).to_csv(os.path.join(args.out, "runs.csv"), index=False)
+    summary = summarise(pd.DataFrame(rows))
+    summary.to_csv(os.path.join(args.out, "summary.csv"), index=False)
+    recipe = base.train
+    print(f"\nteacher: val {t_val:.2f}% test {t_test:.2f}% ({base.model.backbone} {base.model.kwargs})")
+    print(f"recipe: {recipe.epochs} epochs x {recipe.max_steps_per_epoch} steps (x budget) of {recipe.batch_size} "
+          f"images, AdamW lr {recipe.lr:g} (RTSMs x{recipe.rtsm_lr_mult:g}), cosine to {recipe.min_lr:g}, "
+          f"wd {recipe.weight_decay:g}; FRD lambda_token {base.loss.lambda_token:g}, lambda_logits "
+          f"{base.loss.lambda_logits:g}, tau {base.loss.tau:g}; {args.threads} threads; seeds {seeds}")
+    with pd.option_context("display.width", 200):
+        print(summary.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     return 0
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -31,11 +32,11 @@ import pandas as pd
 from search_spaces import apply_point
 from sit_core.card import load_card, write_card
 from sit_core.config import DistillJob
-from sweeps import deploy, mlflow_models, pareto_front, results, tracking
+from sweeps import deploy, mlflow_models, pareto_front, results, storage, tracking
 from sweeps.cli import doc_parser
-from sweeps.trial_model import card_fields, card_name, example_input
 from sweeps.pareto_front import Constraints
 from sweeps.train_loop import MODEL_FILE
+from sweeps.trial_model import card_fields, card_name, example_input
 
 
 def latency_column(table: pd.DataFrame) -> str:
@@ -95,21 +96,24 @@ def export_cards(rows: pd.DataFrame, cards_dir: str, base_job: DistillJob, mlflo
     the run's MLflow model and, from `registry` (`register`'s result), its registered version and
     aliases; `formats` adds deployable files beside the card (`deploy.FORMATS`)."""
     paths = []
-    for _, row in rows.iterrows():
-        job = apply_point(base_job, row["config"])
-        name = card_name(job, row["trial_number"])
-        metrics, speed = card_fields(row)
-        run_id = row.get("run_id")
-        found = mlflow_models.logged_model(mlflow_info["tracking_uri"], run_id) if isinstance(run_id, str) else None
-        mlflow = {**mlflow_info, "run_id": run_id, **({"model_uri": f"models:/{found.model_id}"} if found else {}),
-                  **(registry or {}).get(run_id, {})}
-        card = write_card(Path(cards_dir, f"{name}.yaml"), name=name, job=job,
-                          weights_path=Path(row["checkpoint"], MODEL_FILE), metrics=metrics, speed=speed, mlflow=mlflow)
-        if formats:
-            exports = deploy.export(load_card(card), example_input(job, deploy.CHECK_BATCH), card.with_suffix(""), formats)
-            card = write_card(card, name=name, job=job, weights_path=card.with_suffix(".pt"), metrics=metrics,
-                              speed=speed, mlflow=mlflow, extra={"exports": exports})
-        paths.append(card)
+    with tempfile.TemporaryDirectory() as tmp:  # weights of checkpoints in object storage come here first
+        for _, row in rows.iterrows():
+            job = apply_point(base_job, row["config"])
+            name = card_name(job, row["trial_number"])
+            metrics, speed = card_fields(row)
+            run_id = row.get("run_id")
+            found = mlflow_models.logged_model(mlflow_info["tracking_uri"], run_id) if isinstance(run_id, str) else None
+            mlflow = {**mlflow_info, "run_id": run_id, **({"model_uri": f"models:/{found.model_id}"} if found else {}),
+                      **(registry or {}).get(run_id, {})}
+            weights = storage.fetch(storage.join(row["checkpoint"], MODEL_FILE), os.path.join(tmp, f"{name}.pt"))
+            card = write_card(Path(cards_dir, f"{name}.yaml"), name=name, job=job, weights_path=weights, metrics=metrics,
+                              speed=speed, mlflow=mlflow)
+            if formats:
+                exports = deploy.export(load_card(card), example_input(job, deploy.CHECK_BATCH), card.with_suffix(""),
+                                        formats)
+                card = write_card(card, name=name, job=job, weights_path=card.with_suffix(".pt"), metrics=metrics,
+                                  speed=speed, mlflow=mlflow, extra={"exports": exports})
+            paths.append(card)
     return paths
 
 
@@ -127,7 +131,7 @@ def main(argv=None) -> int:
         formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
         if bad := [f for f in formats if f not in deploy.FORMATS]:
             raise ValueError(f"--formats {','.join(bad)}: choose from {', '.join(deploy.FORMATS)}")
-        out = os.path.abspath(args.out)
+        out = storage.normalise(args.out)
         sweep = _recorded_sweep(out)
         uri = tracking.resolve_tracking_uri(args.tracking_uri or sweep["tracking_uri"], out)
         exp_id = tracking.ensure_experiment(uri, sweep.get("experiment", "sit-pareto"))
@@ -142,9 +146,15 @@ def main(argv=None) -> int:
         picked = pick_rows(table, args.pick, objectives)
         registry = None if args.no_register else register(table, picked, args.pick, objectives, tracking_uri=uri,
                                                            name=sweep["name"])
-        paths = export_cards(picked, args.cards_dir or os.path.join(out, "cards"), base_job,
+        remote = storage.local_path(out) is None and not args.cards_dir  # cards go to OUT/cards via a local copy
+        staged = tempfile.mkdtemp(prefix="sit-cards-") if remote else None
+        cards_dir = args.cards_dir or os.path.join(staged or out, "cards")
+        paths = export_cards(picked, cards_dir, base_job,
                              {"tracking_uri": uri, "experiment": sweep.get("experiment", "sit-pareto"),
                               "parent_run_id": parent}, registry=registry, formats=formats)
+        if staged:
+            storage.publish(staged, out, ["cards"])
+            paths = [storage.join(out, "cards", p.name) for p in paths]
     except (ValueError, LookupError, KeyError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     for path in paths:
@@ -153,10 +163,10 @@ def main(argv=None) -> int:
 
 
 def _recorded_sweep(out: str) -> dict:
-    marker = Path(out, "sweep.json")
-    if not marker.exists():
+    marker = storage.join(out, "sweep.json")
+    if not storage.exists(marker):
         raise ValueError(f"{out} holds no sweep (no sweep.json): pass --out of a finished sweep")
-    return json.loads(marker.read_text())
+    return json.loads(storage.read_text(marker))
 
 
 if __name__ == "__main__":

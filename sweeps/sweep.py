@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,19 +19,23 @@ from ray import tune
 from search_spaces import SearchSpace, warm_starts
 from sit_core.files import atomic_write_text
 
-from . import cockpit, mlflow_models, pareto_front, results, tracking
+from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
 from .export import export_cards, pick_rows, register
 from .optuna_search import ParetoOptunaSearch, make_sampler
-from .trial_model import TrialPackager
 from .runner import Session
 from .speed_probe import Prober
+from .train_loop import MODEL_FILE
 from .trial import TRIAL_CPU, SweepContext, run_trial
 from .trial_logger import PACKAGE_ERROR_TAG, TrialRunLogger
+from .trial_model import TrialPackager
 
 EXPERIMENT = "sit-pareto"
 # shown when hovering a trial in pareto.html (those the table has)
 HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "gmacs",
               "speedup", "status", "feasible", "run_id")
+# What the driver writes locally (storage.staging_dir) and publishes to --out.
+PUBLISHED = ("sweep.json", "pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "cards", "optuna.db",
+             "mlflow.db")
 
 
 def run_sweep(plan) -> int:
@@ -39,17 +44,34 @@ def run_sweep(plan) -> int:
     in_process = plan.workers == 1
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
-                            trial_cpu=0.0 if in_process else TRIAL_CPU, address=plan.address)
-    os.makedirs(plan.out, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
-    concurrent, workers = plan.concurrent, session.workers
+                            trial_cpu=0.0 if in_process else TRIAL_CPU, trials=plan.trials, address=plan.address,
+                            cluster_config=plan.cluster_config,
+                            before_teacher=lambda cap: storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out))
+    try:
+        return _run(plan, session, t0)
+    finally:
+        session.release()  # the autoscaler may give the nodes back
+
+
+def _run(plan, session: Session, t0: float) -> int:
+    job = plan.job
+    in_process = plan.workers == 1
+    os.makedirs(plan.local_dir, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
+    if plan.resume:
+        restored = storage.restore_missing(plan.out, plan.local_dir)
+        if restored:
+            print(f"restored {', '.join(restored)} from {plan.out} into {plan.local_dir}")
+    concurrent, workers = session.shape.concurrent, session.workers
     trial_resources = ({"CPU": workers.cpus_per_worker, **({"GPU": 1} if workers.use_gpu else {})} if in_process
                        else {"CPU": TRIAL_CPU})
     print(f"sweep {plan.name}: {plan.trials} trials, {concurrent} at a time, "
           f"{'in the trial process' if in_process else f'{workers.num_workers} Ray Train workers each'} "
           f"({'GPU' if workers.use_gpu else f'{workers.cpus_per_worker:g} CPU'}), sampler {plan.sampler}, "
           f"objectives {plan.objectives}")
+    if plan.local_dir != plan.out:
+        print(f"local files in {plan.local_dir}, published to {plan.out}")
 
-    latency = Prober(job.speed, cache_dir=os.path.join(plan.out, "speed_cache"))
+    latency = Prober(job.speed, cache_dir=os.path.join(plan.local_dir, "speed_cache"))
     teacher_speed = latency(job.model.teacher())  # one teacher latency per sweep, used everywhere
     print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch, {teacher_speed['gmacs']:.4f} GMACs")
 
@@ -58,17 +80,18 @@ def run_sweep(plan) -> int:
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name, params={
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
     with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING
-        sweep_json = Path(plan.out, "sweep.json")
+        sweep_json = Path(plan.local_dir, "sweep.json")
         atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
         tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+        storage.publish(plan.local_dir, plan.out, ["sweep.json"])  # what export and resume read first
 
-        ctx = SweepContext(base_job=job, workers=session.workers, storage=plan.storage, constraints=plan.constraints,
+        ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
                            latency=latency, teacher=[session.teacher_ref])
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
         mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
         package = TrialPackager(job, plan.tracking_uri, mlflow_info)
         logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package)
-        tuner = _tuner(plan, job, trainable, plan.concurrent, logger)
+        tuner = _tuner(plan, job, trainable, concurrent, logger, session.shape.retries)
         cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
         views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
         print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
@@ -79,11 +102,14 @@ def run_sweep(plan) -> int:
         summary = summarise(plan, table, teacher_speed, session, parent)
         picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
         registry = _register(plan, table, picked)
-        cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info, registry=registry)
+        cards = export_cards(picked, os.path.join(plan.local_dir, "cards"), job, mlflow_info, registry=registry)
         cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["reference"], note=_note(
             plan, summary, views))
         tracking.end_parent_run(plan.tracking_uri, parent)
-        print(f"\ncards ({len(cards)}) written to {os.path.join(plan.out, 'cards')}")
+        published = storage.publish(plan.local_dir, plan.out, PUBLISHED)
+        if published:
+            print(f"published {', '.join(published)} to {plan.out}")
+        print(f"\ncards ({len(cards)}) written to {storage.join(plan.out, 'cards')}")
         if registry:
             aliases = sorted(a for info in registry.values() for a in info["aliases"])
             print(f"registered in MLflow as {plan.name!r} ({len(registry)} versions), aliases {', '.join(aliases)}: "
@@ -113,12 +139,16 @@ def _package_missing(table: pd.DataFrame, package: TrialPackager, tracking_uri: 
     training and packaging, or packaging failed): a resumed sweep loses nothing."""
     client = tracking.MlflowClient(tracking_uri)
     for _, row in table[table["status"].eq("ok") & table["run_id"].notna() & table["checkpoint"].notna()].iterrows():
-        if mlflow_models.logged_model(tracking_uri, row["run_id"]) is None:
-            tags = package(row["run_id"], row["config"], int(row["trial_number"]), row.to_dict(), row["checkpoint"])
-            for key, value in tags.items():
-                client.set_tag(row["run_id"], key, value)
-            if PACKAGE_ERROR_TAG in client.get_run(row["run_id"]).data.tags:  # packaged now
-                client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
+        if mlflow_models.logged_model(tracking_uri, row["run_id"]) is not None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage comes here first
+            storage.fetch(storage.join(row["checkpoint"], MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+            local = storage.local_path(row["checkpoint"]) or tmp
+            tags = package(row["run_id"], row["config"], int(row["trial_number"]), row.to_dict(), local)
+        for key, value in tags.items():
+            client.set_tag(row["run_id"], key, value)
+        if PACKAGE_ERROR_TAG in client.get_run(row["run_id"]).data.tags:  # packaged now
+            client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
 
 
 def _note(plan, summary: dict, views: Mapping) -> str:
@@ -147,11 +177,11 @@ def _trials(grid, children: pd.DataFrame) -> dict:
         tid = (r.metrics or {}).get("trial_id") or by_config.get(json.dumps(r.config, sort_keys=True))
         if tid in trials:
             trials[tid].update(error=str(r.error) if r.error else None,
-                               checkpoint=r.checkpoint.path if r.checkpoint else None)
+                               checkpoint=storage.checkpoint_location(r.checkpoint))
     return trials
 
 
-def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tune.Tuner:
+def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger, retries: int = 0) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
         print(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
@@ -168,7 +198,9 @@ def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tun
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  # preempted (drained) nodes are never counted: `retries` covers spot
+                                  # nodes reclaimed without notice (cluster.SPOT_TRIAL_RETRIES)
+                                  failure_config=tune.FailureConfig(max_failures=retries, fail_fast=False),
                                   # the newest two: resume needs one, a kill while writing it leaves the other
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -183,7 +215,7 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     finished = table["reported_at"] if "reported_at" in table else table.get("timestamp")  # ms, else Tune's seconds
     table["finished_ms"] = (pd.to_numeric(finished, errors="coerce") * 1000).fillna(0).astype("int64")
     history = pareto_front.hypervolume_history(table, objectives, reference, order_col="finished_ms")
-    out = Path(plan.out)
+    out = Path(plan.local_dir)
     csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", cockpit.PLOT, "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)

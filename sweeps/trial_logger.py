@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional
 
 from ray.tune import Callback
 
-from . import tracking
+from . import storage, tracking
 
 # Result keys Tune adds itself: bookkeeping, not metrics of the candidate.
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
@@ -96,7 +96,7 @@ class TrialRunLogger(Callback):
         # the node(s) that trained it: the trial process, or the Train workers of a multi-worker trial
         nodes = last.get("worker_nodes") or [last.get("trial_node")]
         tags = {"sit.stopped_early": str(status == "KILLED").lower(), "sit.nodes": ",".join(n for n in nodes if n),
-                **({"sit.checkpoint": checkpoint.path} if checkpoint else {})}
+                **({"sit.checkpoint": storage.checkpoint_location(checkpoint)} if checkpoint else {})}
         run_id = self._run(trial)
         if status == "FINISHED" and checkpoint and self.on_finished is not None:
             if self._packer is None:

@@ -87,6 +87,46 @@ def test_every_command_is_valid_bash(config):
         assert result.returncode == 0, f"{cmd!r}: {result.stderr}"
 
 
+def test_gpu_workers_get_cpus_to_decode_with(config):
+    """The sweep gives a GPU worker its node's CPUs per GPU (sweeps.cluster): at least 4, so 3
+    DataLoader processes decode JPEGs beside the training process."""
+    for name, t in config["available_node_types"].items():
+        if t["resources"].get("GPU"):
+            assert t["resources"]["CPU"] / t["resources"]["GPU"] >= 4, name
+
+
+def test_spot_workers_are_watched_and_data_is_staged_before_ray_starts(config):
+    spot = [n for n, t in config["available_node_types"].items()
+            if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot, "no spot node type"
+    assert any("python -m sweeps.spot_watch --address" in c for c in config["worker_start_ray_commands"])
+    assert any("scripts/stage_data.sh" in c and "--mount-nvme" in c for c in config["worker_setup_commands"])
+    assert any("SIT_DATA_SRC" in c for c in config["head_setup_commands"])
+    assert (Path(__file__).resolve().parents[1] / "scripts" / "stage_data.sh").stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize("with_tars", [False, True])
+def test_stage_data_copies_the_tree_once(tmp_path, with_tars):
+    src, dest = tmp_path / "shared" / "imagenet", tmp_path / "nvme" / "imagenet"
+    for split, classes in (("train", ("n01", "n02", "n03")), ("val", ("n01", "n02", "n03"))):
+        for c in classes:
+            (src / split / c).mkdir(parents=True)
+            for i in range(3):
+                (src / split / c / f"{i}.JPEG").write_bytes(f"{split}{c}{i}".encode())
+    if with_tars:  # the fast path: one sequential read per split
+        for split in ("train", "val"):
+            subprocess.run(["tar", "-C", str(src), "-cf", str(src / f"{split}.tar"), split], check=True)
+    script = str(Path(__file__).resolve().parents[1] / "scripts" / "stage_data.sh")
+    r = subprocess.run(["bash", script, str(src), str(dest)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.JPEG"))
+    assert copied == sorted(str(p.relative_to(src)) for p in src.rglob("*.JPEG")) and len(copied) == 18
+    assert (dest / "val" / "n02" / "1.JPEG").read_bytes() == b"valn021"
+    again = subprocess.run(["bash", script, str(src), str(dest)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already staged" in again.stdout
+    bad = subprocess.run(["bash", script, str(tmp_path / "nothing"), str(dest)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "must hold train/ and val/" in bad.stderr
+
 # ---------------------------------------------------------------- nothing listens unauthenticated in public
 
 def _head_commands(config: dict) -> str:

@@ -1,4 +1,4 @@
-"""LV-ViT backbone (sit_core.lvvit): registry, SPEC architecture, stem, skip_lam, local weights."""
+"""LV-ViT backbone (sit_core.lvvit): registry, architecture of docs/method.md, stem, skip_lam, local weights."""
 import pytest
 import timm
 import torch
@@ -91,7 +91,7 @@ def test_sit_rows_fit_their_teachers():
         teacher = LVVIT_VARIANTS[row.backbone.removeprefix('lvvit_')]
         assert row.depth == teacher.depth
         row.schedule.validate_for(teacher.depth, (teacher.img_size // 16) ** 2)
-    # the SPEC table: teacher and TSM positions of every student, keep 0.5 each
+    # the table in docs/method.md: teacher and TSM positions of every student, keep 0.5 each
     spec = {'tiny': ('lvvit_tiny', (1, 2, 3)), 'xsmall': ('lvvit_small', (1, 2, 3)),
             'small': ('lvvit_small', (9, 12, 14)), 'medium': ('lvvit_medium', (10, 14, 17)),
             'large': ('lvvit_large', (10, 14, 17))}

@@ -222,7 +222,7 @@ def test_token_sizes_persist_across_merges_of_one_forward_and_only_that_forward(
 
 # --- timm conventions -----------------------------------------------------------------------------
 
-LVVIT = {  # SPEC table: name -> (img_size, depth, TSM after blocks)
+LVVIT = {  # table in docs/method.md: name -> (img_size, depth, TSM after blocks)
     "sit_lvvit_tiny": (224, 14, (1, 2, 3)),
     "sit_lvvit_xsmall": (224, 16, (1, 2, 3)),
     "sit_lvvit_small": (224, 16, (9, 12, 14)),

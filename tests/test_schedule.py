@@ -4,7 +4,7 @@ from sit_core import SlimSchedule, as_schedule
 
 
 def test_reference_token_counts_at_224():
-    # SPEC: 196 -> 98 -> 49 -> 24 for three TSMs keeping 0.5.
+    # docs/method.md: 196 -> 98 -> 49 -> 24 for three TSMs keeping 0.5.
     assert SlimSchedule((1, 2, 3), 0.5).stage_tokens(196) == [196, 98, 49, 24]
     assert SlimSchedule((3, 6, 9), 0.7).stage_tokens(196) == [196, 137, 96, 67]
 
@@ -112,7 +112,7 @@ def test_block_out_tokens_is_block_tokens_shifted():
 
 
 def test_paper_table_is_the_spec():
-    spec_lvvit = {  # SPEC table: variant -> (teacher backbone, depth, TSM after)
+    spec_lvvit = {  # table in docs/method.md: variant -> (teacher backbone, depth, TSM after)
         "tiny": ("lvvit_tiny", 14, (1, 2, 3)), "xsmall": ("lvvit_small", 16, (1, 2, 3)),
         "small": ("lvvit_small", 16, (9, 12, 14)), "medium": ("lvvit_medium", 20, (10, 14, 17)),
         "large": ("lvvit_large", 24, (10, 14, 17)),

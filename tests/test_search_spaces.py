@@ -190,7 +190,7 @@ def test_deit_warm_starts_hold_the_spec_schedule(preset):
     job = get_preset(preset)
     schedules = {(s.positions, s.keep, s.reducer)
                  for s in (schedule_of(job, p) for p in warm_starts(job, SearchSpace.for_job(job)))}
-    assert ((3, 6, 9), (0.7, 0.7, 0.7), "tsm") in schedules          # SPEC's DeiT schedule
+    assert ((3, 6, 9), (0.7, 0.7, 0.7), "tsm") in schedules          # docs/method.md's DeiT schedule
     assert ((1, 2, 3), (0.5, 0.5, 0.5), "tsm") in schedules          # SiT's reference slimming
     assert schedule_of(job, warm_starts(job, SearchSpace.for_job(job))[0]) == job.model.schedule
 

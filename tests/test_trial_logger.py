@@ -14,6 +14,8 @@ T0 = 1_700_000_000.0  # the trials report at these times (seconds), whatever the
 
 
 class Checkpoint:
+    filesystem = None  # a local one, as Ray's checkpoints on local storage
+
     def __init__(self, path):
         self.path = str(path)
 
