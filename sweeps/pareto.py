@@ -33,6 +33,8 @@ from sweeps.pareto_front import Constraints
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
+SAMPLERS = ("tpe", "nsga2", "random", "gp")  # built by sweeps.optuna_search.make_sampler (not imported here: --help stays fast)
+DEFAULT_GRACE, DEFAULT_ETA = 1, 2.0  # fmnist-cpu: 4 epochs, rungs after epochs 1 and 2
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
 REDUCERS = ("tsm", "drop", "merge")
 
@@ -59,8 +61,16 @@ def build_parser():
                    "results (default: %(default)s)")
     p.add_argument("--trials", type=positive_int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")
     p.add_argument("--concurrent", type=positive_int, help="trials at once (default: fitted to the cluster)")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"),
-                   help="Optuna multi-objective sampler (default: %(default)s)")
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS,
+                   help="Optuna multi-objective sampler; gp is Optuna's GPSampler (default: %(default)s)")
+    p.add_argument("--scheduler", default="moasha", choices=("moasha", "none"),
+                   help="early stopping: moasha stops a trial at a rung unless it is in the top 1/eta of the "
+                        "trials that reached that rung by Pareto rank; none trains every trial to the end "
+                        "(default: %(default)s)")
+    p.add_argument("--grace", type=positive_int, default=DEFAULT_GRACE,
+                   help="epochs before the first rung (default: %(default)s)")
+    p.add_argument("--eta", type=finite_float, default=DEFAULT_ETA,
+                   help="reduction factor: rungs at grace * eta^k epochs, 1/eta of a rung goes on (default: %(default)s)")
     p.add_argument("--objectives", default="top1:max,latency_ms:min",
                    help="comma list of top1, latency_ms, gmacs with :max/:min (default: %(default)s)")
     p.add_argument("--reducers", default="tsm", help="token reducers competing on the front: any of tsm,drop,merge")
@@ -97,6 +107,9 @@ class Plan:
     gpu: bool
     cpus_per_worker: Optional[float]
     address: Optional[str]
+    scheduler: str = "moasha"
+    grace: int = DEFAULT_GRACE
+    eta: float = DEFAULT_ETA
 
     @property
     def storage(self) -> str:
@@ -119,6 +132,7 @@ class Plan:
         return {"name": self.name, "tracking_uri": self.tracking_uri, "objectives": self.objectives,
                 "reducers": list(self.reducers), "max_latency_ms": self.max_latency_ms, "min_top1": self.min_top1,
                 "trials": self.trials, "sampler": self.sampler, "seed": self.seed, "preset": self.job.name,
+                "scheduler": self.scheduler, "grace": self.grace, "eta": self.eta,
                 "base_job": self.job.to_dict()}
 
 
@@ -136,6 +150,13 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--max-latency-ms {args.max_latency_ms} must be > 0")
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
+    if not args.eta > 1:
+        raise ValueError(f"--eta {args.eta:g} must be > 1")
+    if args.scheduler == "moasha":
+        from sweeps.moasha import rung_steps
+        if not rung_steps(args.grace, args.eta, job.train.epochs):
+            raise ValueError(f"--grace {args.grace} leaves no rung below the {job.train.epochs} training epochs: "
+                             "lower it, raise --epochs, or pass --scheduler none")
     reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
     if not reducers or any(r not in REDUCERS for r in reducers):
         raise ValueError(f"--reducers {args.reducers!r}: choose from {', '.join(REDUCERS)}")
@@ -164,7 +185,8 @@ def make_plan(args) -> Plan:
                 objectives=parse_objectives(args.objectives), reducers=reducers,
                 constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
-                cpus_per_worker=args.cpus_per_worker, address=args.address)
+                cpus_per_worker=args.cpus_per_worker, address=args.address, scheduler=args.scheduler,
+                grace=args.grace, eta=args.eta)
 
 
 def _default_concurrency(gpu: bool) -> int:

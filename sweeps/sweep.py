@@ -7,7 +7,6 @@ import os
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
 
 from ray import tune
@@ -17,8 +16,10 @@ from sit_core.files import atomic_write_text
 
 from . import pareto_front, results, tracking
 from .export import export_cards, pick_rows
+from .moasha import ParetoRungs
 from .optuna_search import ParetoOptunaSearch, make_sampler
 from .runner import Session
+from .scheduler import ParetoASHA
 from .speed_probe import Prober
 from .trial import TRIAL_CPU, SweepContext, run_trial
 from .trial_logger import TrialRunLogger
@@ -57,8 +58,10 @@ def run_sweep(plan) -> int:
     ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
                        latency=latency, teacher=[session.teacher_ref])
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
-    logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label)
-    grid = _tuner(plan, job, trainable, concurrent, logger).fit()
+    scheduler = make_scheduler(plan)
+    logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
+                            stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
+    grid = _tuner(plan, trainable, concurrent, scheduler=scheduler, logger=logger).fit()
     trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
     summary = summarise(plan, table, teacher_speed, session, parent)
@@ -93,22 +96,42 @@ def _trials(grid, children: pd.DataFrame) -> dict:
     return trials
 
 
-def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tune.Tuner:
+def _never_stopped(trial_id: str) -> bool:
+    return False
+
+
+def make_searcher(plan) -> ParetoOptunaSearch:
+    """Optuna through its ask/tell API; metric and mode ONLY on the searcher (on TuneConfig too they
+    would make Tune's search single-objective)."""
+    space = SearchSpace.for_job(plan.job, plan.reducers)
+    return ParetoOptunaSearch(
+        space, metric=list(plan.objectives), mode=list(plan.objectives.values()),
+        points_to_evaluate=warm_starts(plan.job, space) if plan.warm_start else None,
+        sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name, storage=plan.optuna_storage)
+
+
+def make_scheduler(plan) -> ParetoASHA | None:
+    """MO-ASHA over the sweep's objectives at the validation top-1 reached after each rung's epochs
+    (latency is known before training); its decisions are written through to the experiment dir."""
+    if plan.scheduler == "none":
+        return None
+    rungs = ParetoRungs.geometric(plan.grace, plan.eta, plan.job.train.epochs, list(plan.objectives.values()))
+    return ParetoASHA(rungs, metrics=list(plan.objectives), time_attr="epoch",
+                      state_path=os.path.join(plan.storage, plan.name, "pareto_asha.json"))
+
+
+def _tuner(plan, trainable, concurrent: int, *, scheduler, logger: TrialRunLogger) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
+        # Tune restores its own searcher, scheduler and callbacks (pickled when the sweep started);
+        # the scheduler merges the decisions it wrote through since, the searcher reads the study.
         print(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
-    space = SearchSpace.for_job(job, plan.reducers)
-    searcher = ParetoOptunaSearch(
-        space=space, metric=list(plan.objectives), mode=list(plan.objectives.values()),  # ONLY on the searcher
-        points_to_evaluate=warm_starts(job, space) if plan.warm_start else None,
-        sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name,
-        storage=optuna.storages.RDBStorage(plan.optuna_storage))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.trials, max_concurrent_trials=concurrent,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler, num_samples=plan.trials,
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                   # the newest two: resume needs one, a kill while writing it leaves the other
