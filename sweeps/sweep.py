@@ -160,11 +160,15 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     n_failed = int(table["status"].eq("failed").sum())
     tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
         "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
+        "n_stopped": int(table["status"].eq("stopped").sum()), "overhead_share": results.overhead_total(table),
         "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
         "teacher_latency_ms": teacher_speed["latency_ms"]})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
-    print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_failed} failed); "
+    n_stopped = int(table["status"].eq("stopped").sum())
+    print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_stopped} stopped early, "
+          f"{n_failed} failed); "
           f"hypervolume {hv:.4f} (reference {reference})")
+    print(results.overhead_summary(table))
     print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
     return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}

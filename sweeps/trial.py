@@ -56,26 +56,31 @@ class TrialReport:
     constraints, the latency (known before training) and the time spent working. Picklable: the
     Train workers of a multi-worker trial apply it too, before `ray.train.report`."""
 
-    def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int):
+    def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int,
+                 started: Optional[float] = None):
         self.latency, self.constraints = latency, constraints
         self.static = {**latency, "schedule": schedule, "full_epochs": full_epochs,
                        "trial_node": ray.get_runtime_context().get_node_id()}
-        self.t_start, self.work_s = time.time(), float(latency.get("latency_s", 0.0))
+        # `trial_wall_s` from when the trial function started (latency included, like `work_s`)
+        self.t_start, self.work_s = started or time.time(), float(latency.get("latency_s", 0.0))
 
     def __call__(self, metrics: dict) -> dict:
         top1, latency_ms = metrics.get("val_top1", float("nan")), self.latency["latency_ms"]
         self.work_s += metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
-        return {**metrics, **self.static, "top1": top1,
-                "constraint_violation": list(self.constraints.violation(top1, latency_ms)),
-                "feasible": self.constraints.feasible(top1, latency_ms),
-                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+        report = {**metrics, **self.static, "top1": top1, "feasible": self.constraints.feasible(top1, latency_ms),
+                  "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+        if self.constraints.max_latency_ms is not None or self.constraints.min_top1 is not None:
+            # only a sweep with constraints tells them: zeros would cost GPSampler two needless models
+            report["constraint_violation"] = list(self.constraints.violation(top1, latency_ms))
+        return report
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
+    started = time.time()
     job = apply_point(ctx.base_job, config)
     t0 = time.perf_counter()
     latency = {**ctx.latency(job.model), "latency_s": time.perf_counter() - t0}
-    extend = TrialReport(latency, ctx.constraints, str(job.model.schedule), job.train.epochs)
+    extend = TrialReport(latency, ctx.constraints, str(job.model.schedule), job.train.epochs, started=started)
     if ctx.in_process:
         final = _train_here(job, ctx, extend)
     else:
