@@ -34,9 +34,10 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from .cli import SAMPLERS
+
 CONSTRAINTS = ("latency_budget", "min_top1")  # values <= 0 mean satisfied (Optuna's convention)
 TUNE_ID_ATTR = "tune_trial_id"
-SAMPLERS = ("tpe", "nsga2", "random", "gp")
 _DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 

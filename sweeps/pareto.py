@@ -28,12 +28,12 @@ if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sit_core.config import DistillJob
-from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
+from sweeps.cli import (SAMPLERS, add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit,
+                        positive_int, validate_job)
 from sweeps.pareto_front import Constraints
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
-SAMPLERS = ("tpe", "nsga2", "random", "gp")  # built by sweeps.optuna_search.make_sampler (not imported here: --help stays fast)
 DEFAULT_GRACE, DEFAULT_ETA = 1, 2.0  # fmnist-cpu: 4 epochs, rungs after epochs 1 and 2
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
 REDUCERS = ("tsm", "drop", "merge")

@@ -5,12 +5,13 @@
 
 Each simulated sweep drives the SAME code as a real one: `sweeps.optuna_search.ParetoOptunaSearch`
 (the sampler, warm starts, PRUNED/COMPLETE/FAIL) and `sweeps.moasha.ParetoRungs` (the early
-stopping rule). A trial is the recorded candidate nearest to the point the sampler asks for
-(`CandidateTable.lookup`); it occupies one of `--concurrent` slots for its recorded setup time plus
-each epoch's recorded time, reports its recorded validation top-1 after every epoch, and ends when
-it finishes, is stopped at a rung, or its candidate diverged. The hypervolume of the full-budget
-front (top-1 up, latency down) is tracked against the simulated time, at one reference point
-(chance accuracy, the teacher's latency; moocore).
+stopping rule). A trial gets what the table's oracle answers for the point the sampler asks for
+(`--oracle surrogate`: GP regressions fitted on the recorded candidates, so every parameter of the
+proposal counts; `--oracle nearest`: the nearest recorded candidate, replayed as recorded; see
+`sweeps.candidates`). It occupies one of `--concurrent` slots for its setup time plus each epoch's
+time, reports its validation top-1 after every epoch, and ends when it finishes, is stopped at a
+rung, or diverges. The hypervolume of the full-budget front (top-1 up, latency down) is tracked
+against the simulated time, at one reference point (chance accuracy, the teacher's latency; moocore).
 
 Reported per method (sampler x scheduler, `--seeds` runs each): hypervolume against time (median,
 IQR), final hypervolume, hypervolume after `--at-trials` ended trials, the time each method takes
@@ -18,8 +19,9 @@ to reach random search's median final hypervolume, a one-sided Mann-Whitney U te
 hypervolumes against random search's (scipy), and empirical attainment surfaces (moocore).
 Goals checked: the best method reaches random search's final hypervolume in <= 1/3 of the budget;
 after 24 trials, the best Optuna multi-objective sampler's hypervolume is >= 1.2x random's.
-Limits: the nearest-neighbour lookup is a coarse surrogate where the table is sparse; the clock
-has no contention between trials (the recorded times already include sharing the cores).
+Limits: a surrogate smooths what a few hundred candidates show, the nearest candidate in ~12
+parameters is far from the asked point (both are stated with the results); the clock has no
+contention between trials (the recorded times already include sharing the cores).
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ import moocore
 import numpy as np
 import pandas as pd
 
-from sweeps.candidates import CandidateTable, epoch_s_col, synthetic_table, top1_col
+from sweeps.cli import SAMPLERS
 from sweeps.moasha import STOP, ParetoRungs
-from sweeps.optuna_search import SAMPLERS, ParetoOptunaSearch, make_sampler
+
+# sweeps.candidates (the search space: sit_core, timm, torch) and sweeps.optuna_search (Ray's Searcher)
+# are imported where used, so that --help and bad input are answered at once.
 
 OBJECTIVES = {"top1": "max", "latency_ms": "min"}
 BASELINE = "random/none"
@@ -85,6 +89,8 @@ def simulate(table: CandidateTable, sampler: str, seed: int, *, scheduler: Optio
     """One sweep on the simulated clock. `scheduler`: (grace, eta) for MO-ASHA, None to train every
     trial to the end; `oracle`: `table.oracle(...)` (default: nearest). Deterministic for a given
     table, oracle, sampler, seed and settings."""
+    from sweeps.optuna_search import ParetoOptunaSearch, make_sampler  # Ray's Searcher base: imported when used
+
     epochs = table.epochs
     oracle = oracle or table.oracle("nearest")
     reference = table.reference(latency_col)
@@ -149,6 +155,8 @@ def simulate(table: CandidateTable, sampler: str, seed: int, *, scheduler: Optio
 
 def default_budget(table: CandidateTable, trials: int, concurrent: int) -> float:
     """Simulated seconds for `trials` full-budget trials of the median recorded length, `concurrent` at a time."""
+    from sweeps.candidates import epoch_s_col
+
     ok = table.frame[table.frame["status"] == "ok"]
     full = ok[[epoch_s_col(k) for k in range(1, table.epochs + 1)]].sum(axis=1) + ok["setup_s"].fillna(0)
     return float(full.median()) * trials / concurrent
@@ -351,6 +359,7 @@ def main(argv=None) -> int:
                              "and none in --schedulers")
         if not args.eta > 1:
             raise ValueError(f"--eta {args.eta:g} must be > 1")
+        from sweeps.candidates import CandidateTable, synthetic_table
         table = synthetic_table() if args.synthetic else CandidateTable.read(args.table)
         if args.latency_col not in table.frame or table.frame[args.latency_col].isna().all():
             raise ValueError(f"--latency-col {args.latency_col}: the table has no such values")
