@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Optional
+
 
 import numpy as np
 import optuna

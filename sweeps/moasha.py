@@ -22,7 +22,7 @@ Every decision is recorded once per (trial, rung) and replayed if the same rung 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import moocore
 import numpy as np

@@ -34,7 +34,7 @@ from sweeps.pareto_front import Constraints
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
 SMOKE_TRIALS = 3
-DEFAULT_GRACE, DEFAULT_ETA = 1, 2.0  # fmnist-cpu: 4 epochs, rungs after epochs 1 and 2
+DEFAULT_GRACE, DEFAULT_ETA = 1, 3.0  # fmnist-cpu: 4 epochs, rungs after epochs 1 and 3; a trial costs ~0.55 of a full one on average
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
 REDUCERS = ("tsm", "drop", "merge")
 
@@ -132,7 +132,7 @@ class Plan:
         return {"name": self.name, "tracking_uri": self.tracking_uri, "objectives": self.objectives,
                 "reducers": list(self.reducers), "max_latency_ms": self.max_latency_ms, "min_top1": self.min_top1,
                 "trials": self.trials, "sampler": self.sampler, "seed": self.seed, "preset": self.job.name,
-                "scheduler": self.scheduler, "grace": self.grace, "eta": self.eta,
+                "scheduler": self.scheduler, "grace": self.grace, "eta": self.eta, "concurrent": self.concurrent,
                 "base_job": self.job.to_dict()}
 
 

@@ -59,6 +59,7 @@ def run_sweep(plan) -> int:
                        latency=latency, teacher=[session.teacher_ref])
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
     scheduler = make_scheduler(plan)
+    print(f"early stopping: {f'MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, top 1/{plan.eta:g} of each rung goes on' if scheduler else 'none (every trial trains its full budget)'}")
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
                             stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
     grid = _tuner(plan, trainable, concurrent, scheduler=scheduler, logger=logger).fit()

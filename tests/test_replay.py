@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from sweeps.candidates import CandidateTable, synthetic_table, top1_col
+from sweeps.candidates import CandidateTable, synthetic_table
 from sweeps.replay import default_budget, run_benchmark, simulate, summarise
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

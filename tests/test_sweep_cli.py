@@ -176,7 +176,7 @@ def test_plan_defaults(dirs, monkeypatch):
         ["--smoke-test", "--out", str(out), "--reducers", " tsm , merge ", "--objectives", "top1,latency_ms,gmacs",
          "--export", "budget:12.5"]))
     assert plan.trials == 3 and plan.reducers == ("tsm", "merge") and plan.warm_start
-    assert (plan.scheduler, plan.grace, plan.eta) == ("moasha", 1, 2.0)  # early stopping is on by default
+    assert (plan.scheduler, plan.grace, plan.eta) == ("moasha", 1, 3.0)  # early stopping is on by default
     assert plan.objectives == {"top1": "max", "latency_ms": "min", "gmacs": "min"}
     assert plan.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert plan.name == "pareto-fmnist-cpu-smoke" and plan.out == str(out.resolve())
@@ -184,6 +184,6 @@ def test_plan_defaults(dirs, monkeypatch):
     full = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out)]))
     assert full.trials == pareto.DEFAULT_TRIALS and full.name == "pareto-fmnist-cpu"
     from sweeps.sweep import make_scheduler
-    assert make_scheduler(full).rungs.rungs == [1, 2]  # fmnist-cpu trains 4 epochs: decide after 1 and 2
+    assert make_scheduler(full).rungs.rungs == [1, 3]  # fmnist-cpu trains 4 epochs: decide after 1 and 3
     none = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out), "--scheduler", "none", "--grace", "9"]))
     assert make_scheduler(none) is None  # --grace is not checked when nothing schedules
