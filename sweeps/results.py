@@ -34,10 +34,12 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
           constraints: Constraints) -> pd.DataFrame:
     """`tune_frame`: `ResultGrid.get_dataframe()` (last result of each trial that reported).
     `trials`: what the driver saw of every started trial, by trial id: `number`, `config`, `error`,
-    `stopped` (by the scheduler), `wall_s`, `run_id`, `checkpoint` (path of the last one)."""
+    `stopped` (by the scheduler), `wall_s` (and `started_s`, `ended_s`: epoch seconds), `run_id`,
+    `checkpoint` (path of the last one)."""
     seen = pd.DataFrame([{"trial_id": tid, **info} for tid, info in trials.items()])
     if seen.empty:
-        seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "run_id", "checkpoint"])
+        seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "started_s",
+                                     "ended_s", "run_id", "checkpoint"])
     frame = tune_frame.drop(columns=[c for c in tune_frame.columns if c.startswith("config/")], errors="ignore")
     table = seen.merge(frame, on="trial_id", how="left").rename(columns={"number": "trial_number"})
     table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
@@ -94,6 +96,20 @@ def overhead_summary(table: pd.DataFrame) -> str:
     return (f"orchestration share: {overhead_total(table):.1%} of trial wall time ({wall - work:.0f} s of {wall:.0f} s "
             f"outside latency/train/eval, {len(usable)} trials; per trial median {per.median():.1%}, "
             f"max {per.max():.1%})")
+
+
+def slot_use_summary(table: pd.DataFrame, concurrent: int) -> str:
+    """One line on the gaps between trials, which no trial's wall time holds (the searcher asking
+    the sampler, Tune starting the next trial): the share of the trial phase's slot time (first
+    trial start to last trial end, times `concurrent`) spent on trials' work."""
+    started = pd.to_numeric(table.get("started_s"), errors="coerce")
+    ended = pd.to_numeric(table.get("ended_s"), errors="coerce")
+    work = pd.to_numeric(table.get("work_s"), errors="coerce").fillna(0.0).sum()
+    span = ended.max() - started.min()
+    if not span > 0:
+        return "trial slots: no finished trial"
+    return (f"trial slots: {work / (concurrent * span):.1%} of {concurrent} x {span:.0f} s (first trial start to "
+            f"last trial end) spent on latency/train/eval")
 
 
 def reference_point(objectives: Mapping[str, str], teacher: Mapping[str, float], num_classes: int) -> dict:

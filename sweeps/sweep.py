@@ -82,10 +82,12 @@ def _trials(grid, children: pd.DataFrame) -> dict:
     is in both; this process's callback may never have seen it."""
     trials = {}
     for _, run in children.iterrows():
-        wall = (run["end_time"] - run["start_time"]).total_seconds() if run["status"] != "RUNNING" else None
+        ended = run["status"] != "RUNNING"
+        wall = (run["end_time"] - run["start_time"]).total_seconds() if ended else None
         trials[run["tags.sit.trial_id"]] = {
             "number": int(run["tags.sit.trial_number"]), "config": json.loads(run["tags.sit.point"]),
-            "run_id": run["run_id"], "wall_s": wall, "error": None, "checkpoint": None,
+            "run_id": run["run_id"], "wall_s": wall, "started_s": run["start_time"].timestamp(),
+            "ended_s": run["end_time"].timestamp() if ended else None, "error": None, "checkpoint": None,
             "stopped": run.get("tags.sit.stopped_early") == "true"}
     by_config = {json.dumps(t["config"], sort_keys=True): tid for tid, t in trials.items()}
     for r in grid:
@@ -171,5 +173,6 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
           f"{n_failed} failed); "
           f"hypervolume {hv:.4f} (reference {reference})")
     print(results.overhead_summary(table))
+    print(results.slot_use_summary(table, plan.concurrent))
     print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
     return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}

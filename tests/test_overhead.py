@@ -32,3 +32,10 @@ def test_resumed_or_unmeasured_trials_are_left_out():
     empty = table([(None, 1.0, 0)])
     assert math.isnan(results.overhead_total(empty))
     assert "no trial with both" in results.overhead_summary(empty)
+
+
+def test_slot_use_counts_the_gaps_between_trials():
+    t = pd.DataFrame({"started_s": [0.0, 0.0, 60.0], "ended_s": [50.0, 60.0, 100.0], "work_s": [45.0, 55.0, 35.0]})
+    # 2 slots x 100 s, 135 s of work: the gap 50..60 in the first slot and the overheads make the rest
+    assert results.slot_use_summary(t, 2).startswith("trial slots: 67.5% of 2 x 100 s")
+    assert results.slot_use_summary(t.iloc[:0], 2) == "trial slots: no finished trial"
