@@ -72,11 +72,14 @@ def overhead_shares(table: pd.DataFrame) -> pd.Series:
     data loading, model building, reporting, checkpoints and the driver's bookkeeping all count)
     spent outside measuring latency, training and evaluating (`work_s`, summed by the trial). NaN
     for a trial resumed after a kill (its wall time spans the downtime) or without both times."""
-    wall = pd.to_numeric(table.get("wall_s"), errors="coerce")
-    work = pd.to_numeric(table.get("work_s"), errors="coerce")
-    resumed = pd.to_numeric(table.get("resumed_from_epoch"), errors="coerce").fillna(0) > 0
+    wall, work = _numbers(table, "wall_s"), _numbers(table, "work_s")
+    resumed = _numbers(table, "resumed_from_epoch").fillna(0) > 0
     share = (1.0 - work / wall).clip(lower=0.0)
     return share.where((wall > 0) & ~resumed)
+
+
+def _numbers(table: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(table[col], errors="coerce") if col in table else pd.Series(float("nan"), index=table.index)
 
 
 def overhead_total(table: pd.DataFrame) -> float:
@@ -102,9 +105,8 @@ def slot_use_summary(table: pd.DataFrame, concurrent: int) -> str:
     """One line on the gaps between trials, which no trial's wall time holds (the searcher asking
     the sampler, Tune starting the next trial): the share of the trial phase's slot time (first
     trial start to last trial end, times `concurrent`) spent on trials' work."""
-    started = pd.to_numeric(table.get("started_s"), errors="coerce")
-    ended = pd.to_numeric(table.get("ended_s"), errors="coerce")
-    work = pd.to_numeric(table.get("work_s"), errors="coerce").fillna(0.0).sum()
+    started, ended = _numbers(table, "started_s"), _numbers(table, "ended_s")
+    work = _numbers(table, "work_s").fillna(0.0).sum()
     span = ended.max() - started.min()
     if not span > 0:
         return "trial slots: no finished trial"

@@ -39,3 +39,8 @@ def test_slot_use_counts_the_gaps_between_trials():
     # 2 slots x 100 s, 135 s of work: the gap 50..60 in the first slot and the overheads make the rest
     assert results.slot_use_summary(t, 2).startswith("trial slots: 67.5% of 2 x 100 s")
     assert results.slot_use_summary(t.iloc[:0], 2) == "trial slots: no finished trial"
+
+
+def test_a_table_without_the_columns():
+    t = pd.DataFrame({"wall_s": [10.0]})
+    assert results.overhead_shares(t).isna().all()

@@ -42,8 +42,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers
 def swept(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune_moasha")
     plan = pareto.make_plan(pareto.build_parser().parse_args(
-        ["--smoke-test", "--out", str(out), "--trials", "8", "--concurrent", "1", "--sampler", "random",
-         "--epochs", str(EPOCHS), "--no-warm-start"]))
+        ["--out", str(out), "--trials", "8", "--concurrent", "1", "--sampler", "random",
+         "--epochs", str(EPOCHS), "--no-warm-start", "--eta", "2"]))
     exp_id = tracking.ensure_experiment(plan.tracking_uri, sweep.EXPERIMENT)
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name)
     scheduler = sweep.make_scheduler(plan)
