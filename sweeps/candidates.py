@@ -67,7 +67,7 @@ class CandidateTable:
 
         path = Path(path)
         atomic_write_text(path, self.frame.to_csv(index=False, float_format="%.6g"))
-        atomic_write_text(path.with_suffix(".json"), json.dumps(self.meta, indent=1, default=str) + "\n")
+        atomic_write_text(path.with_suffix(".json"), json.dumps(self.meta, indent=1, default=str, allow_nan=False) + "\n")
         return path
 
     # ------------------------------------------------------------------ what the replay needs
@@ -87,7 +87,7 @@ class CandidateTable:
     def reference(self, latency_col: str) -> dict:
         """Chance accuracy and the teacher's latency in the same column's terms (else the slowest
         candidate's): the sweep's own reference point."""
-        teacher = self.meta.get("teacher", {}).get(latency_col)
+        teacher = (self.meta.get("teacher") or {}).get(latency_col)
         slowest = float(pd.to_numeric(self.frame[latency_col], errors="coerce").max())
         return {"top1": 100.0 / float(self.meta["num_classes"]),
                 "latency_ms": float(teacher) if teacher is not None else slowest}

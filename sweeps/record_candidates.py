@@ -75,7 +75,8 @@ def main(argv=None) -> int:
             return rc
     if not (out / "pareto.csv").is_file():
         p.exit(2, f"{p.prog}: error: no finished recording in {out} (pareto.csv missing)\n")
-    table = build_table(out, name, command=shlex.join([sys.executable, *sys.argv]), latency_model=model_fn)
+    command = shlex.join(["python", "sweeps/record_candidates.py", *(sys.argv[1:] if argv is None else argv)])
+    table = build_table(out, name, command=command, latency_model=model_fn)
     dest = Path(args.table or ROOT / "benchmarks" / f"{table.meta['preset']}-candidates.csv")
     table.write(dest)
     ok = int((table.frame["status"] == "ok").sum())
@@ -138,8 +139,9 @@ def build_table(out: Path, name: str, *, command: str, latency_model: Optional[C
     meta = {
         "preset": job.name, "epochs": epochs, "num_classes": int(job.model.kwargs.get("num_classes", 1000)),
         "space": dataclasses.asdict(space), "warm_starts": warm_starts(job, space), "concurrent": record.get("concurrent"),
-        "teacher": {"latency_ms": _teacher_latency(record), "latency_measured_ms": measure(teacher)["latency_ms"],
-                    "latency_model_ms": _model_latency(latency_model, teacher)},
+        "teacher": {k: (v if math.isfinite(v) else None) for k, v in (  # JSON has no NaN
+            ("latency_ms", _teacher_latency(record)), ("latency_measured_ms", measure(teacher)["latency_ms"]),
+            ("latency_model_ms", _model_latency(latency_model, teacher)))},
         "command": command, "sweep": str(out), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "versions": _versions(),
