@@ -10,7 +10,10 @@
 Every trial distils one sampled candidate (schedule, keep ratios, loss weights, lr) from the
 teacher and reports validation top-1 every epoch with the candidate's latency. Objectives default
 to maximising validation top-1 and minimising latency; trials over --max-latency-ms or under
---min-top1 are infeasible and never on the front. Each trial is a nested MLflow run under the
+--min-top1 are infeasible and never on the front. Early stopping (MO-ASHA, on by default): after
+--grace epochs and then every --eta times as many, a trial goes on only if it is in the top 1/eta
+of the trials that reached that point, by Pareto rank (feasible before infeasible); a stopped
+trial is PRUNED in Optuna, KILLED in MLflow and never on the front (only full-budget trials are). Each trial is a nested MLflow run under the
 sweep's parent run, live while it trains; the front is exported as cards (sit_core.load_card
 rebuilds the model). Limits: on a multi-node cluster --out must be shared storage and
 --tracking-uri a server.

@@ -1,5 +1,7 @@
 """The sweep itself (called by `pareto.py` once its plan is validated): the Tuner with the Optuna
-searcher and MLflow logging, then the one trial table, its front, plots, MLflow summary and cards."""
+searcher, the MO-ASHA scheduler and MLflow logging, then the one trial table, its front, plots,
+MLflow summary (hypervolume after every trial, at the time it ended), the orchestration share and
+the cards."""
 from __future__ import annotations
 
 import json
