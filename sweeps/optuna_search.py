@@ -9,9 +9,10 @@ constraints and early stopping.
   Optuna trial at once (user attr `tune_trial_id`), so the study alone says which trial is which.
 - `on_trial_complete` tells the study, once:
   FAIL      the trial raised, or its objectives are missing or not finite;
-  PRUNED    it ended before its full budget (`epoch` < `full_epochs`: stopped by the scheduler), its
-            last values kept as user attrs `last_values` / `last_epoch` (`Trial.report` refuses
-            multi-objective studies);
+  PRUNED    it ended before its full budget (`epoch` < `full_epochs`), or the scheduler says it
+            stopped it (`stopped_early(trial_id)`: a stop is final, even for a trial that a resumed
+            sweep re-ran to its end), its last values kept as user attrs `last_values` /
+            `last_epoch` (`Trial.report` refuses multi-objective studies);
   COMPLETE  otherwise, with its constraint values (`Trial.set_constraint`, <= 0 satisfied), which
             Optuna's samplers and `best_trials` read.
   A trial the study already holds as finished is left alone (Tune can tell a trial twice, and a
@@ -69,12 +70,13 @@ class ParetoOptunaSearch(Searcher):
                  sampler: optuna.samplers.BaseSampler, study_name: str,
                  storage: Union[str, optuna.storages.BaseStorage, None] = None,
                  points_to_evaluate: Optional[list[dict]] = None,
-                 constraint_key: str = "constraint_violation", budget_keys: tuple[str, str] = ("epoch", "full_epochs")):
+                 constraint_key: str = "constraint_violation", budget_keys: tuple[str, str] = ("epoch", "full_epochs"),
+                 stopped_early: Optional[Callable[[str], bool]] = None):
         super().__init__(metric=list(metric), mode=list(mode))
         self._space, self._sampler, self._study_name = space, sampler, study_name
         self._storage = (optuna.storages.RDBStorage(storage) if isinstance(storage, str)
                          else storage if storage is not None else optuna.storages.InMemoryStorage())
-        self._constraint_key, self._budget_keys = constraint_key, budget_keys
+        self._constraint_key, self._budget_keys, self._stopped_early = constraint_key, budget_keys, stopped_early
         self._ids: dict[str, int] = {}  # tune trial id -> storage trial id (a cache of the study's attrs)
         self._study: Optional[optuna.Study] = None
         for point in points_to_evaluate or ():  # created now: a bad storage fails before Tune starts
@@ -128,7 +130,8 @@ class ParetoOptunaSearch(Searcher):
         for key, value in zip(CONSTRAINTS, result.get(self._constraint_key) or ()):
             trial.set_constraint(key, value)
         step, full = (result.get(k) for k in self._budget_keys)
-        if step is not None and full is not None and step < full:  # stopped early by the scheduler
+        short = step is not None and full is not None and step < full
+        if short or (self._stopped_early is not None and self._stopped_early(trial_id)):  # stopped by the scheduler
             trial.set_user_attr("last_values", [float(v) for v in values])
             trial.set_user_attr("last_epoch", step)
             self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)

@@ -97,11 +97,12 @@ def simulate(table: CandidateTable, sampler: str, seed: int, *, scheduler: Optio
     signs = np.array([-1.0 if d == "max" else 1.0 for d in OBJECTIVES.values()])
     ref = np.array([reference[k] for k in OBJECTIVES]) * signs
 
-    searcher = ParetoOptunaSearch(table.space, metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()),
-                                  sampler=make_sampler(sampler, seed), study_name=f"replay-{sampler}-{seed}",
-                                  points_to_evaluate=table.warm_starts if warm_start else None)
     rungs = (ParetoRungs.geometric(scheduler[0], scheduler[1], epochs, list(OBJECTIVES.values()))
              if scheduler else None)
+    searcher = ParetoOptunaSearch(table.space, metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()),
+                                  sampler=make_sampler(sampler, seed), study_name=f"replay-{sampler}-{seed}",
+                                  points_to_evaluate=table.warm_starts if warm_start else None,
+                                  stopped_early=rungs.stopped_early if rungs else None)
     events: list[tuple[float, int, str, int]] = []   # (time, sequence, trial id, epoch ending then)
     trials: dict[str, dict] = {}
     front: list[np.ndarray] = []

@@ -64,7 +64,8 @@ def run_sweep(plan) -> int:
     print(f"early stopping: {f'MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, top 1/{plan.eta:g} of each rung goes on' if scheduler else 'none (every trial trains its full budget)'}")
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
                             stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
-    grid = _tuner(plan, trainable, concurrent, scheduler=scheduler, logger=logger).fit()
+    grid = _tuner(plan, trainable, concurrent, searcher=make_searcher(plan, scheduler), scheduler=scheduler,
+                  logger=logger).fit()
     trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
     summary = summarise(plan, table, teacher_speed, session, parent)
@@ -105,14 +106,18 @@ def _never_stopped(trial_id: str) -> bool:
     return False
 
 
-def make_searcher(plan) -> ParetoOptunaSearch:
+def make_searcher(plan, scheduler: ParetoASHA | None = None):
     """Optuna through its ask/tell API; metric and mode ONLY on the searcher (on TuneConfig too they
-    would make Tune's search single-objective)."""
-    space = SearchSpace.for_job(plan.job, plan.reducers)
-    return ParetoOptunaSearch(
-        space, metric=list(plan.objectives), mode=list(plan.objectives.values()),
-        points_to_evaluate=warm_starts(plan.job, space) if plan.warm_start else None,
-        sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name, storage=plan.optuna_storage)
+    would make Tune's search single-objective). A callable: the study (and the warm starts it
+    enqueues) is made only when a new sweep starts, never on --resume."""
+    def build() -> ParetoOptunaSearch:
+        space = SearchSpace.for_job(plan.job, plan.reducers)
+        return ParetoOptunaSearch(
+            space, metric=list(plan.objectives), mode=list(plan.objectives.values()),
+            points_to_evaluate=warm_starts(plan.job, space) if plan.warm_start else None,
+            sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name, storage=plan.optuna_storage,
+            stopped_early=scheduler.stopped_early if scheduler else None)
+    return build
 
 
 def make_scheduler(plan) -> ParetoASHA | None:
@@ -125,7 +130,7 @@ def make_scheduler(plan) -> ParetoASHA | None:
                       state_path=os.path.join(plan.storage, plan.name, "pareto_asha.json"))
 
 
-def _tuner(plan, trainable, concurrent: int, *, scheduler, logger: TrialRunLogger) -> tune.Tuner:
+def _tuner(plan, trainable, concurrent: int, *, searcher, scheduler, logger: TrialRunLogger) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
         # Tune restores its own searcher, scheduler and callbacks (pickled when the sweep started);
@@ -135,7 +140,7 @@ def _tuner(plan, trainable, concurrent: int, *, scheduler, logger: TrialRunLogge
                                   restart_errored=False)
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=make_searcher(plan), scheduler=scheduler, num_samples=plan.trials,
+        tune_config=tune.TuneConfig(search_alg=searcher(), scheduler=scheduler, num_samples=plan.trials,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),

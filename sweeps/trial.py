@@ -104,14 +104,19 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=device.type == "cuda")
     task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
-    start_epoch = _restore(tune.get_checkpoint(), trainer)
-    last: dict = {}
+    start_epoch, last = _restore(tune.get_checkpoint(), trainer)
+    if start_epoch >= job.train.epochs or last.get("status", "ok") != "ok":
+        # Restored from the checkpoint of its last report (the driver was killed before Tune saw the
+        # trial end): nothing left to train, tell Tune that report again so the trial ends with it.
+        last = {**last, "resumed_from_epoch": start_epoch}
+        tune.report(last)
+        return last
 
     def report(metrics: dict, is_last: bool) -> None:
         nonlocal last
         last = extend({**metrics, "resumed_from_epoch": start_epoch})
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({**trainer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(tmp, STATE_FILE))
+            torch.save({**trainer.state_dict(), "epoch": metrics["epoch"], "report": last}, os.path.join(tmp, STATE_FILE))
             torch.save(task.inference_model.state_dict(), os.path.join(tmp, MODEL_FILE))
             tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -119,10 +124,11 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     return last
 
 
-def _restore(checkpoint: Optional[tune.Checkpoint], trainer: Trainer) -> int:
+def _restore(checkpoint: Optional[tune.Checkpoint], trainer: Trainer) -> tuple[int, dict]:
+    """(epochs already trained, the report that checkpoint was made with) -- (0, {}) for a new trial."""
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
     trainer.load_state_dict(state)
-    return int(state["epoch"])
+    return int(state["epoch"]), dict(state.get("report") or {})

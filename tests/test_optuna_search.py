@@ -324,3 +324,20 @@ def test_a_restored_driver_never_retells_a_finished_trial(job, tmp_path):
     assert n_warm <= 3 and len(study.trials) == 3 and set(trials) == {"a", "b", "c"}  # no warm start enqueued twice
     assert trials["a"].values == [70.0, 5.0] and trials["b"].state == TS.PRUNED
     assert trials["c"].state == TS.COMPLETE
+
+
+def test_a_trial_the_scheduler_stopped_is_pruned_even_at_full_budget(job, tmp_path):
+    """A stop is final: a resumed sweep may run a stopped trial to its end (Tune's older state had it
+    running); the scheduler still says stopped, so Optuna records PRUNED like MLflow's KILLED."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = search_spaces.SearchSpace.for_job(job)
+    stopped = {"s"}
+    searcher = ParetoOptunaSearch(space, metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()),
+                                  sampler=make_sampler("random", 0), study_name="s", storage=url,
+                                  stopped_early=stopped.__contains__)
+    for tid in ("s", "t"):
+        searcher.suggest(tid)
+        searcher.on_trial_complete(tid, ok(80.0, 2.0))  # both at full budget
+    trials = by_tune_id(optuna.load_study(study_name="s", storage=url))
+    assert trials["s"].state == TS.PRUNED and trials["s"].user_attrs["last_values"] == [80.0, 2.0]
+    assert trials["t"].state == TS.COMPLETE

@@ -49,8 +49,8 @@ def swept(ray_local, tmp_path_factory):
     scheduler = sweep.make_scheduler(plan)
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
                             stopped_early=scheduler.stopped_early)
-    grid = sweep._tuner(plan, tune.with_resources(fake_training, {"CPU": 1}), 1, scheduler=scheduler,
-                        logger=logger).fit()
+    grid = sweep._tuner(plan, tune.with_resources(fake_training, {"CPU": 1}), 1,
+                        searcher=sweep.make_searcher(plan, scheduler), scheduler=scheduler, logger=logger).fit()
     trials = sweep._trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
     return plan, scheduler, table, exp_id, parent

@@ -409,7 +409,7 @@ def test_resume_repeats_no_finished_trial(killed_then_resumed):
     assert before["children"], "the kill came after a finished trial"
     table = pareto_table(out)
     assert len(table) == 3 and table["trial_id"].is_unique
-    assert set(table["status"]) <= {"ok", "stopped"}, table[["trial_id", "status", "failure"]]
+    assert set(table["status"]) <= {"ok", "stopped"}, table[["trial_id", "status", "error"]].to_string()
     parent, children = parent_and_children(out)
     ids = [r.data.tags["sit.trial_id"] for r in children]
     assert len(children) == 3 and sorted(set(ids)) == sorted(ids) == sorted(table["trial_id"])
