@@ -61,7 +61,8 @@ def run_sweep(plan) -> int:
                        latency=latency, teacher=[session.teacher_ref])
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
     scheduler = make_scheduler(plan)
-    print(f"early stopping: {f'MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, top 1/{plan.eta:g} of each rung goes on' if scheduler else 'none (every trial trains its full budget)'}")
+    print("early stopping: " + (f"MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, the top "
+                                f"1/{plan.eta:g} of each rung goes on" if scheduler else "none (every trial trains to the end)"))
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
                             stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
     grid = _tuner(plan, trainable, concurrent, searcher=make_searcher(plan, scheduler), scheduler=scheduler,
@@ -167,18 +168,16 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
-    n_failed = int(table["status"].eq("failed").sum())
+    n_failed, n_stopped = int(table["status"].eq("failed").sum()), int(table["status"].eq("stopped").sum())
     tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
         "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
-        "n_stopped": int(table["status"].eq("stopped").sum()), "overhead_share": results.overhead_total(table),
+        "n_stopped": n_stopped, "overhead_share": results.overhead_total(table),
         "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
         "teacher_latency_ms": teacher_speed["latency_ms"]})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
-    n_stopped = int(table["status"].eq("stopped").sum())
     print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_stopped} stopped early, "
-          f"{n_failed} failed); "
-          f"hypervolume {hv:.4f} (reference {reference})")
+          f"{n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
     print(results.overhead_summary(table))
     print(results.slot_use_summary(table, plan.concurrent))
     print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
