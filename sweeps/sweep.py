@@ -1,32 +1,44 @@
 """The sweep itself (called by `pareto.py` once its plan is validated): the Tuner with the Optuna
-searcher, the MO-ASHA scheduler and MLflow logging, then the one trial table, its front, plots,
-MLflow summary (hypervolume after every trial, at the time it ended), the orchestration share and
-the cards."""
+searcher, the MO-ASHA scheduler and MLflow logging (each finished trial's model and card logged to
+its run), then the one trial table, its front, plots, MLflow summary (hypervolume after every
+trial, at the time it ended), the orchestration share, registered picks, cards and the links to open."""
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from ray import tune
 
 from search_spaces import SearchSpace, warm_starts
 from sit_core.files import atomic_write_text
 
-from . import pareto_front, results, tracking
-from .export import export_cards, pick_rows
+from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
+from .export import export_cards, pick_rows, register
 from .moasha import ParetoRungs
 from .optuna_search import ParetoOptunaSearch, make_sampler
 from .runner import Session
 from .scheduler import ParetoASHA
 from .speed_probe import Prober
+from .train_loop import MODEL_FILE
 from .trial import TRIAL_CPU, SweepContext, run_trial
-from .trial_logger import TrialRunLogger
+from .trial_logger import PACKAGE_ERROR_TAG, TrialRunLogger
+from .trial_model import TrialPackager
 
 EXPERIMENT = "sit-pareto"
+# shown when hovering a trial in pareto.html (those the table has)
+HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "gmacs",
+              "speedup", "status", "feasible", "run_id")
+# What the driver writes locally (storage.staging_dir) and publishes to --out.
+SCHEDULER_STATE = "pareto_asha.json"  # MO-ASHA's decisions, beside the Optuna study they go with
+PUBLISHED = ("sweep.json", "pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "cards", "optuna.db",
+             "mlflow.db", SCHEDULER_STATE)
 
 
 def run_sweep(plan) -> int:
@@ -35,17 +47,34 @@ def run_sweep(plan) -> int:
     in_process = plan.workers == 1
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
-                            trial_cpu=0.0 if in_process else TRIAL_CPU, address=plan.address)
-    os.makedirs(plan.out, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
-    concurrent, workers = plan.concurrent, session.workers
+                            trial_cpu=0.0 if in_process else TRIAL_CPU, trials=plan.trials, address=plan.address,
+                            cluster_config=plan.cluster_config,
+                            before_teacher=lambda cap: storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out))
+    try:
+        return _run(plan, session, t0)
+    finally:
+        session.release()  # the autoscaler may give the nodes back
+
+
+def _run(plan, session: Session, t0: float) -> int:
+    job = plan.job
+    in_process = plan.workers == 1
+    os.makedirs(plan.local_dir, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
+    if plan.resume:
+        restored = storage.restore_missing(plan.out, plan.local_dir, (*storage.SQLITE_FILES, SCHEDULER_STATE))
+        if restored:
+            print(f"restored {', '.join(restored)} from {plan.out} into {plan.local_dir}")
+    concurrent, workers = session.shape.concurrent, session.workers
     trial_resources = ({"CPU": workers.cpus_per_worker, **({"GPU": 1} if workers.use_gpu else {})} if in_process
                        else {"CPU": TRIAL_CPU})
     print(f"sweep {plan.name}: {plan.trials} trials, {concurrent} at a time, "
           f"{'in the trial process' if in_process else f'{workers.num_workers} Ray Train workers each'} "
           f"({'GPU' if workers.use_gpu else f'{workers.cpus_per_worker:g} CPU'}), sampler {plan.sampler}, "
           f"objectives {plan.objectives}")
+    if plan.local_dir != plan.out:
+        print(f"local files in {plan.local_dir}, published to {plan.out}")
 
-    latency = Prober(job.speed, cache_dir=os.path.join(plan.out, "speed_cache"))
+    latency = Prober(job.speed, cache_dir=os.path.join(plan.local_dir, "speed_cache"))
     teacher_speed = latency(job.model.teacher())  # one teacher latency per sweep, used everywhere
     print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch, {teacher_speed['gmacs']:.4f} GMACs")
 
@@ -53,31 +82,91 @@ def run_sweep(plan) -> int:
     record = plan.record()  # what a later export needs: written beside the runs and into MLflow
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name, params={
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
-    sweep_json = Path(plan.out, "sweep.json")
-    atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
-    tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+    with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING
+        sweep_json = Path(plan.local_dir, "sweep.json")
+        atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
+        tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+        storage.publish(plan.local_dir, plan.out, ["sweep.json"])  # what export and resume read first
 
-    ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
-                       latency=latency, teacher=[session.teacher_ref])
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
-    scheduler = make_scheduler(plan)
-    print("early stopping: " + (f"MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, the top "
-                                f"1/{plan.eta:g} of each rung goes on" if scheduler else "none (every trial trains to the end)"))
-    logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label,
-                            stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
-    grid = _tuner(plan, trainable, concurrent, searcher=make_searcher(plan, scheduler), scheduler=scheduler,
-                  logger=logger).fit()
-    trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
-    table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
-    summary = summarise(plan, table, teacher_speed, session, parent)
-    picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
-    cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info={
-        "tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent})
-    tracking.end_parent_run(plan.tracking_uri, parent)
-    print(f"\ncards ({len(cards)}) written to {os.path.join(plan.out, 'cards')}")
-    print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}")
-    print(f"sweep finished in {time.time() - t0:.0f}s")
-    return 0
+        ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
+                           latency=latency, teacher=[session.teacher_ref])
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
+        mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
+        package = TrialPackager(job, plan.tracking_uri, mlflow_info)
+        scheduler = make_scheduler(plan)
+        print("early stopping: " + (f"MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, "
+                                    f"the top 1/{plan.eta:g} of each rung goes on" if scheduler
+                                    else "none (every trial trains to the end)"))
+        logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package,
+                                stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
+        tuner = _tuner(plan, trainable, concurrent, logger, session.shape.retries,
+                       searcher=make_searcher(plan, scheduler), scheduler=scheduler)
+        cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
+        views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
+        print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
+        grid = tuner.fit()
+        trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
+        table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
+        _package_missing(table, package, plan.tracking_uri)
+        summary = summarise(plan, table, teacher_speed, session, parent, concurrent)
+        picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
+        registry = _register(plan, table, picked)
+        cards = export_cards(picked, os.path.join(plan.local_dir, "cards"), job, mlflow_info, registry=registry)
+        cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["reference"], note=_note(
+            plan, summary, views))
+        tracking.end_parent_run(plan.tracking_uri, parent)
+        published = storage.publish(plan.local_dir, plan.out, PUBLISHED)
+        if published:
+            print(f"published {', '.join(published)} to {plan.out}")
+        print(f"\ncards ({len(cards)}) written to {storage.join(plan.out, 'cards')}")
+        if registry:
+            aliases = sorted(a for info in registry.values() for a in info["aliases"])
+            print(f"registered in MLflow as {plan.name!r} ({len(registry)} versions), aliases {', '.join(aliases)}: "
+                  f"sit_core.load_card('models:/{plan.name}@knee')")
+        print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}\n"
+              f"  Pareto-optimal trials: {views['pareto']}\n  all trials: {views['trials']}\n"
+              f"  interactive Pareto plot: {views['plot']}\n  the sweep (plots, tables): {views['parent']}")
+        print(f"Optuna's dashboard: {cockpit.dashboard_command(plan.optuna_storage)}\n"
+              f"  the sweep's study: {cockpit.dashboard_url(plan.optuna_storage, plan.name)}")
+        print(f"sweep finished in {time.time() - t0:.0f}s")
+        return 0
+
+
+def _register(plan, table: pd.DataFrame, picked: pd.DataFrame) -> dict:
+    """The picks in MLflow's Model Registry; a registry that refuses them costs the aliases, not the cards."""
+    if not len(picked):
+        return {}
+    try:
+        return register(table, picked, plan.export, plan.objectives, tracking_uri=plan.tracking_uri, name=plan.name)
+    except (MlflowException, LookupError) as e:
+        print(f"warning: the picks were not registered in MLflow ({e}); the cards are written all the same")
+        return {}
+
+
+def _package_missing(table: pd.DataFrame, package: TrialPackager, tracking_uri: str) -> None:
+    """Log the model and card of finished trials that have none (their driver was killed between
+    training and packaging, or packaging failed): a resumed sweep loses nothing."""
+    client = tracking.MlflowClient(tracking_uri)
+    for _, row in table[table["status"].eq("ok") & table["run_id"].notna() & table["checkpoint"].notna()].iterrows():
+        if mlflow_models.logged_model(tracking_uri, row["run_id"]) is not None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage comes here first
+            storage.fetch(storage.join(row["checkpoint"], MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+            local = storage.local_path(row["checkpoint"]) or tmp
+            tags = package(row["run_id"], row["config"], int(row["trial_number"]), row.to_dict(), local)
+        for key, value in tags.items():
+            client.set_tag(row["run_id"], key, value)
+        if PACKAGE_ERROR_TAG in client.get_run(row["run_id"]).data.tags:  # packaged now
+            client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
+
+
+def _note(plan, summary: dict, views: Mapping) -> str:
+    return (f"## SiT Pareto sweep `{plan.name}`\n\n"
+            f"Objectives {plan.objectives}; {summary['n_pareto']} Pareto-optimal of {summary['n_trials']} trials; "
+            f"hypervolume {summary['hypervolume']:.4g} against the reference point {summary['reference']} "
+            "(chance accuracy, the teacher's cost). Infeasible trials never count.\n\n"
+            f"MLflow (with `mlflow ui` running): [Pareto-optimal trials]({views['pareto']}), "
+            f"[all trials]({views['trials']}), [the sweep]({views['parent']}).\n")
 
 
 def _trials(grid, children: pd.DataFrame) -> dict:
@@ -99,7 +188,7 @@ def _trials(grid, children: pd.DataFrame) -> dict:
         tid = (r.metrics or {}).get("trial_id") or by_config.get(json.dumps(r.config, sort_keys=True))
         if tid in trials:
             trials[tid].update(error=str(r.error) if r.error else None,
-                               checkpoint=r.checkpoint.path if r.checkpoint else None)
+                               checkpoint=storage.checkpoint_location(r.checkpoint))
     return trials
 
 
@@ -123,15 +212,17 @@ def make_searcher(plan, scheduler: ParetoASHA | None = None):
 
 def make_scheduler(plan) -> ParetoASHA | None:
     """MO-ASHA over the sweep's objectives at the validation top-1 reached after each rung's epochs
-    (latency is known before training); its decisions are written through to the experiment dir."""
+    (latency is known before training); its decisions are written through beside the Optuna study
+    (the driver's local dir, published to --out with it)."""
     if plan.scheduler == "none":
         return None
     rungs = ParetoRungs.geometric(plan.grace, plan.eta, plan.job.train.epochs, list(plan.objectives.values()))
     return ParetoASHA(rungs, metrics=list(plan.objectives), time_attr="epoch",
-                      state_path=os.path.join(plan.storage, plan.name, "pareto_asha.json"))
+                      state_path=os.path.join(plan.local_dir, SCHEDULER_STATE))
 
 
-def _tuner(plan, trainable, concurrent: int, *, searcher, scheduler, logger: TrialRunLogger) -> tune.Tuner:
+def _tuner(plan, trainable, concurrent: int, logger: TrialRunLogger, retries: int = 0, *, searcher,
+           scheduler: ParetoASHA | None) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
         # Tune restores its own searcher, scheduler and callbacks (pickled when the sweep started);
@@ -144,41 +235,46 @@ def _tuner(plan, trainable, concurrent: int, *, searcher, scheduler, logger: Tri
         tune_config=tune.TuneConfig(search_alg=searcher(), scheduler=scheduler, num_samples=plan.trials,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  # preempted (drained) nodes are never counted: `retries` covers spot
+                                  # nodes reclaimed without notice (cluster.SPOT_TRIAL_RETRIES)
+                                  failure_config=tune.FailureConfig(max_failures=retries, fail_fast=False),
                                   # the newest two: resume needs one, a kill while writing it leaves the other
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 
-def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -> dict:
-    """Write the table, plot and hypervolume history; tag MLflow; print the front."""
+def summarise(plan, table, teacher_speed: dict, session: Session, parent: str, concurrent: int) -> dict:
+    """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front."""
     objectives = plan.objectives
     reference = results.reference_point(objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
     hv = pareto_front.hypervolume(table, objectives, reference)
     # hypervolume against time: trials in the order they finished (each row's last report)
-    table["finished_ms"] = (pd.to_numeric(table.get("timestamp"), errors="coerce") * 1000).fillna(0).astype("int64")
+    finished = table["reported_at"] if "reported_at" in table else table.get("timestamp")  # ms, else Tune's seconds
+    table["finished_ms"] = (pd.to_numeric(finished, errors="coerce") * 1000).fillna(0).astype("int64")
     history = pareto_front.hypervolume_history(table, objectives, reference, order_col="finished_ms")
-    out = Path(plan.out)
-    csv, png, hv_csv = out / "pareto.csv", out / "pareto.png", out / "hypervolume_history.csv"
+    out = Path(plan.local_dir)
+    csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", cockpit.PLOT, "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
-    pareto_front.plot_pareto(table, objectives, png, label_col="label", reference_point={
-        "top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
-        "label": "teacher"})
+    teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
+               "label": "teacher"}
+    pareto_front.plot_pareto(table, objectives, png, label_col="label", number_col="trial_number", reference_point=teacher)
+    pareto_front.plot_pareto_html(table, objectives, html, label_col="label", reference_point=teacher,
+                                  hover_cols=HOVER_COLS, title=f"{plan.name}: top1 vs latency_ms")
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
     n_failed, n_stopped = int(table["status"].eq("failed").sum()), int(table["status"].eq("stopped").sum())
-    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
-        "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
-        "n_stopped": n_stopped, "overhead_share": results.overhead_total(table),
-        "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
+    # n_pareto is part of the hypervolume history (one point per trial): not repeated as a summary
+    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, html, hv_csv], history, metrics={
+        "n_trials": len(table), "n_failed": n_failed, "n_stopped": n_stopped,
+        "overhead_share": results.overhead_total(table), "teacher_top1": teacher["top1"],
         "teacher_latency_ms": teacher_speed["latency_ms"]})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
     print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_stopped} stopped early, "
           f"{n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
     print(results.overhead_summary(table))
-    print(results.slot_use_summary(table, plan.concurrent))
-    print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
-    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}
+    print(results.slot_use_summary(table, concurrent))
+    print(f"table {csv}\nplots {png} {html}\nhypervolume history {hv_csv}")
+    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference}

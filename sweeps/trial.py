@@ -21,8 +21,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from search_spaces import apply_point
 from sit_core.config import DistillJob
-from sit_core.data import load_splits, train_loader
-from sit_core.train import Trainer, distill_task, run_epochs, steps_per_epoch
+from sit_core.data import eval_loader, load_splits, train_loader
+from sit_core.train import EVAL_BATCH, Trainer, distill_task, run_epochs, steps_per_epoch
 
 from .pareto_front import Constraints
 from .runner import Workers, fit
@@ -68,7 +68,8 @@ class TrialReport:
         top1, latency_ms = metrics.get("val_top1", float("nan")), self.latency["latency_ms"]
         self.work_s += metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
         report = {**metrics, **self.static, "top1": top1, "feasible": self.constraints.feasible(top1, latency_ms),
-                  "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+                  "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start,
+                  "reported_at": time.time()}  # the MLflow timestamp of this report (trial_logger.REPORTED_AT)
         if self.constraints.max_latency_ms is not None or self.constraints.min_top1 is not None:
             # only a sweep with constraints tells them: zeros would cost GPSampler two needless models
             report["constraint_violation"] = list(self.constraints.violation(top1, latency_ms))
@@ -98,16 +99,23 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     """Distil in this process, one report (and checkpoint) per epoch; resumes from Tune's checkpoint."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
+    # a reserved GPU the process cannot see (a scheduling test's accounted-only GPUs) trains on CPU
     device = torch.device("cuda" if ctx.workers.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(job.train.seed)
     splits = load_splits(job.data)
-    loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=device.type == "cuda")
+    pin = device.type == "cuda"
+    loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=pin)
+    val = eval_loader(splits.val, EVAL_BATCH, cpus=cpus, pin_memory=pin, persistent=True)
+    test = eval_loader(splits.test, EVAL_BATCH, cpus=cpus, pin_memory=pin)
     task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
     start_epoch, last = _restore(tune.get_checkpoint(), trainer)
     if start_epoch >= job.train.epochs or last.get("status", "ok") != "ok":
-        # Restored from the checkpoint of its last report (the driver was killed before Tune saw the
-        # trial end): nothing left to train, tell Tune that report again so the trial ends with it.
+        # Restored from the checkpoint of its last report (a reclaimed node, or a driver killed before
+        # Tune saw the trial end): nothing left to train, tell Tune that report again so the trial
+        # ends with it (searcher and scheduler see its final values).
+        if not last:  # a checkpoint written before reports were kept in it: Tune's last result stands
+            return {"status": "ok", "resumed_from_epoch": start_epoch}
         last = {**last, "resumed_from_epoch": start_epoch}
         tune.report(last)
         return last
@@ -120,7 +128,7 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
             torch.save(task.inference_model.state_dict(), os.path.join(tmp, MODEL_FILE))
             tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    run_epochs(trainer, loader, splits.val, splits.test, start_epoch=start_epoch, report=report)
+    run_epochs(trainer, loader, val, test, start_epoch=start_epoch, report=report)
     return last
 
 

@@ -88,7 +88,7 @@ def test_stopped_trials_are_pruned_killed_and_off_the_front(swept):
 
 def test_the_scheduler_state_is_on_disk(swept):
     plan, scheduler, table, *_ = swept
-    saved = json.loads(Path(plan.storage, plan.name, "pareto_asha.json").read_text())
+    saved = json.loads(Path(plan.local_dir, sweep.SCHEDULER_STATE).read_text())
     assert set(saved["stopped"]) == set(scheduler.rungs.stopped)
     assert {int(r): len(rec) for r, rec in saved["records"].items()} == scheduler.rungs.rung_sizes()
     # every trial reached rung 1; what rung 1 stopped never reached rung 2
