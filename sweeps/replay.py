@@ -318,6 +318,7 @@ def _save(fig, path) -> Path:
 
 def build_parser():
     from sweeps.cli import doc_parser, finite_float, positive_int
+    from sweeps.pareto import DEFAULT_ETA, DEFAULT_GRACE  # the real sweep's rungs, unless told otherwise
 
     p = doc_parser(__doc__)
     source = p.add_mutually_exclusive_group(required=True)
@@ -332,8 +333,8 @@ def build_parser():
                    help="simulated budget: this many median full-budget trials' time (default: %(default)s)")
     p.add_argument("--budget-s", type=finite_float, help="simulated budget in seconds (overrides --budget-trials)")
     p.add_argument("--concurrent", type=positive_int, default=2, help="trials at once (default: %(default)s)")
-    p.add_argument("--grace", type=positive_int, default=1, help="MO-ASHA: epochs before the first rung (default: %(default)s)")
-    p.add_argument("--eta", type=finite_float, default=2.0, help="MO-ASHA: reduction factor (default: %(default)s)")
+    p.add_argument("--grace", type=positive_int, default=DEFAULT_GRACE, help="MO-ASHA: epochs before the first rung (default: %(default)s)")
+    p.add_argument("--eta", type=finite_float, default=DEFAULT_ETA, help="MO-ASHA: reduction factor (default: %(default)s)")
     p.add_argument("--latency-col", default="latency_ms", choices=("latency_ms", "latency_measured_ms", "latency_model_ms"),
                    help="the table's latency column to optimise (default: %(default)s)")
     p.add_argument("--oracle", default="surrogate", choices=("surrogate", "nearest"),
