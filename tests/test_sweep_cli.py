@@ -187,3 +187,5 @@ def test_plan_defaults(dirs, monkeypatch):
     assert make_scheduler(full).rungs.rungs == [1, 3]  # fmnist-cpu trains 4 epochs: decide after 1 and 3
     none = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out), "--scheduler", "none", "--grace", "9"]))
     assert make_scheduler(none) is None  # --grace is not checked when nothing schedules
+    # early stopping starts more candidates in the same time; without it, fewer train to the end
+    assert (full.trials, none.trials) == (pareto.DEFAULT_TRIALS, pareto.DEFAULT_TRIALS_FULL_BUDGET) == (16, 6)
