@@ -7,6 +7,8 @@ constraints and early stopping.
 - `suggest` asks the study for a trial and runs the define-by-run `space(trial)` on it (warm starts
   are `study.enqueue_trial` points, so they are asked first); the Tune trial id is stored on the
   Optuna trial at once (user attr `tune_trial_id`), so the study alone says which trial is which.
+- a resumed sweep first hands out again the trials `sweeps/reconcile.py` put on the study's
+  adoption list (started after Tune's last saved state), each under its own Optuna trial.
 - `on_trial_complete` tells the study, once:
   FAIL      the trial raised, or its objectives are missing or not finite;
   PRUNED    it ended before its full budget (`epoch` < `full_epochs`), or the scheduler says it
@@ -39,6 +41,7 @@ from .cli import SAMPLERS
 
 CONSTRAINTS = ("latency_budget", "min_top1")  # values <= 0 mean satisfied (Optuna's convention)
 TUNE_ID_ATTR = "tune_trial_id"
+ADOPT_ATTR = "sit.adopt"  # study attr: numbers of trials to hand out again before asking (sweeps/reconcile.py)
 _DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 
@@ -107,6 +110,8 @@ class ParetoOptunaSearch(Searcher):
     def suggest(self, trial_id: str) -> Optional[dict]:
         if (known := self._storage_id(trial_id)) is not None:  # asked again after a restore: the same point
             return dict(self._storage.get_trial(known).params)
+        if (adopted := self._adopt(trial_id)) is not None:
+            return adopted
         trial = self.study.ask()
         try:
             trial.set_user_attr(TUNE_ID_ATTR, trial_id)
@@ -116,6 +121,20 @@ class ParetoOptunaSearch(Searcher):
             raise
         self._ids[trial_id] = self._id_of(trial.number)
         return dict(trial.params)
+
+    def _adopt(self, trial_id: str) -> Optional[dict]:
+        """The point of a trial a resumed sweep runs again (Tune never saved it), under its own Optuna
+        trial, which now names the new Tune trial."""
+        pending = list(self.study.user_attrs.get(ADOPT_ATTR, []))
+        while pending:
+            number = pending.pop(0)
+            self.study.set_user_attr(ADOPT_ATTR, pending)
+            storage_id = self._id_of(number)
+            if self._storage.get_trial(storage_id).state == TrialState.RUNNING:
+                optuna.trial.Trial(self.study, storage_id).set_user_attr(TUNE_ID_ATTR, trial_id)
+                self._ids[trial_id] = storage_id
+                return dict(self._storage.get_trial(storage_id).params)
+        return None
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         storage_id = self._storage_id(trial_id)

@@ -23,6 +23,7 @@ from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
 from .export import export_cards, pick_rows, register
 from .moasha import ParetoRungs
 from .optuna_search import ParetoOptunaSearch, make_sampler
+from .reconcile import reconcile
 from .runner import Session
 from .scheduler import ParetoASHA
 from .speed_probe import Prober
@@ -99,6 +100,9 @@ def _run(plan, session: Session, t0: float) -> int:
                                     else "none (every trial trains to the end)"))
         logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package,
                                 stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
+        if plan.resume:  # before Tune restores: trials it never saved are run again, not duplicated
+            print(reconcile(os.path.join(plan.storage, plan.name), plan.name, plan.optuna_storage, plan.tracking_uri,
+                            exp_id, parent).summary())
         tuner = _tuner(plan, trainable, concurrent, logger, session.shape.retries,
                        searcher=make_searcher(plan, scheduler), scheduler=scheduler)
         cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
