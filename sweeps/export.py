@@ -34,6 +34,7 @@ from sit_core.card import load_card, write_card
 from sit_core.config import DistillJob
 from sweeps import deploy, mlflow_models, pareto_front, results, storage, tracking
 from sweeps.cli import doc_parser
+from sweeps.faults import kill_point
 from sweeps.pareto_front import Constraints
 from sweeps.train_loop import MODEL_FILE
 from sweeps.trial_model import card_fields, card_name, example_input
@@ -114,6 +115,7 @@ def export_cards(rows: pd.DataFrame, cards_dir: str, base_job: DistillJob, mlflo
                 card = write_card(card, name=name, job=job, weights_path=card.with_suffix(".pt"), metrics=metrics,
                                   speed=speed, mlflow=mlflow, extra={"exports": exports})
             paths.append(card)
+            kill_point("card-written")
     return paths
 
 

@@ -38,6 +38,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from .cli import SAMPLERS
+from .faults import kill_point
 
 CONSTRAINTS = ("latency_budget", "min_top1")  # values <= 0 mean satisfied (Optuna's convention)
 TUNE_ID_ATTR = "tune_trial_id"
@@ -156,6 +157,7 @@ class ParetoOptunaSearch(Searcher):
             self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
         else:
             self.study.tell(trial, [float(v) for v in values], state=TrialState.COMPLETE, skip_if_finished=True)
+        kill_point("trial-told")
 
     # ------------------------------------------------------------------ Tune's experiment checkpoints
     def get_state(self) -> dict:

@@ -22,6 +22,7 @@ from typing import Callable, Mapping, Optional
 from ray.tune import Callback
 
 from . import storage, tracking
+from .faults import kill_point
 
 # Result keys Tune adds itself: bookkeeping, not metrics of the candidate.
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "time_since_restore",
@@ -123,6 +124,7 @@ class TrialRunLogger(Callback):
     def _close(self, trial_id: str, run_id: str, status: str, tags: dict, ended: int) -> None:
         tracking.end_trial_run(self.uri, run_id, status, tags=tags, end_time_ms=ended)
         self.open.discard(trial_id)
+        kill_point("trial-logged")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tracking.end_trial_run(self.uri, self._run(trial), "FAILED", failure=_error_text(trial))
