@@ -30,6 +30,9 @@ def label(config: Mapping, number: Optional[int] = None) -> str:
     return f"{config.get('reducer', 'tsm')} {positions}@{keep}" + (f" #{number}" if number is not None else "")
 
 
+REPORTED = ("epoch", "full_epochs", "top1", "latency_ms", "gmacs", "test_top1")
+
+
 def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: Mapping[str, str],
           constraints: Constraints) -> pd.DataFrame:
     """`tune_frame`: `ResultGrid.get_dataframe()` (last result of each trial that reported).
@@ -41,7 +44,12 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
         seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "started_s",
                                      "ended_s", "run_id", "checkpoint"])
     frame = tune_frame.drop(columns=[c for c in tune_frame.columns if c.startswith("config/")], errors="ignore")
+    if "trial_id" not in frame:  # no trial reported anything (every one failed before its first epoch)
+        frame = pd.DataFrame({"trial_id": pd.Series(dtype=object)})
     table = seen.merge(frame, on="trial_id", how="left").rename(columns={"number": "trial_number"})
+    for col in REPORTED:  # a column no trial reported (every one failed early) reads as missing values
+        if col not in table:
+            table[col] = np.nan
     table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
     epoch = pd.to_numeric(table.get("epoch"), errors="coerce")
     full = pd.to_numeric(table.get("full_epochs"), errors="coerce")

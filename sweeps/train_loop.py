@@ -21,6 +21,7 @@ from sit_core.config import DistillJob
 from sit_core.data import eval_loader, load_splits, train_loader
 from sit_core.train import EVAL_BATCH, Trainer, device_batches, distill_task, run_epochs, steps_per_epoch, teacher_task
 
+from .faults import kill_point
 from .node_lock import NodeLock
 
 STATE_FILE = "state.pt"   # what resuming needs: trainable weights (no frozen teacher), optimiser, step
@@ -66,6 +67,8 @@ def train_func(config: dict) -> None:
         metrics = extend(metrics)
         if rank != 0:  # only rank 0 writes; every rank must still call report (it is a barrier)
             ray.train.report(metrics, checkpoint=None)
+            if not last and rank == world - 1:
+                kill_point("worker-epoch", after_s=1.0)  # mid-way through the next epoch
             return
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({**trainer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(tmp, STATE_FILE))
