@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from sit_core.config import ModelSpec, SpeedSpec, stable_hash
-from sit_core.measure import compare, device_name
+from sit_core.flops import count_macs, count_params
+from sit_core.speed import compare, device_name, node_threads, speedup
 from sit_core.schedule import SlimSchedule
 
 from .node_lock import NodeLock
@@ -25,10 +26,6 @@ from .node_lock import NodeLock
 
 def probe_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def node_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def probe(spec: ModelSpec, speed: SpeedSpec, *, cache_dir: Optional[str] = None, device: Optional[str] = None,
@@ -48,16 +45,16 @@ def probe(spec: ModelSpec, speed: SpeedSpec, *, cache_dir: Optional[str] = None,
     in_chans = int(spec.kwargs.get("in_chans", 3))
     rounds = 3
     with (lock or NodeLock()).exclusive():
-        table = compare({"teacher": teacher, "student": student}, "teacher", batch_size=speed.batch_size,
-                        img_size=img_size, in_chans=in_chans, device=device, dtype=getattr(torch, speed.dtype),
-                        warmup=speed.warmup, iters=max(1, speed.iters // rounds), rounds=rounds, threads=threads)
-    row = table.set_index("name").loc["student"]
-    record, teacher_record = table.attrs["records"]["student"], table.attrs["records"]["teacher"]
+        records = compare({"teacher": teacher, "student": student}, batch_size=speed.batch_size,
+                          img_size=img_size, in_chans=in_chans, device=device, dtype=getattr(torch, speed.dtype),
+                          warmup=speed.warmup, iters=max(1, speed.iters // rounds), rounds=rounds, threads=threads)
+    record, teacher_record = records["student"], records["teacher"]
+    macs = {n: count_macs(m, img_size, in_chans) for n, m in (("student", student), ("teacher", teacher))}
     result = {
         "latency_ms": record.p50_ms, "latency_ms_std": record.std_ms, "latency_ms_p90": record.p90_ms,
-        "img_s": record.img_s, "gmacs": float(row["gmacs"]), "params_m": float(row["params_m"]),
-        "teacher_latency_ms": teacher_record.p50_ms, "speedup": float(row["speedup"]),
-        "flops_speedup": float(row["flops_speedup"]),
+        "img_s": record.img_s, "gmacs": macs["student"] / 1e9, "params_m": count_params(student) / 1e6,
+        "teacher_latency_ms": teacher_record.p50_ms, "speedup": speedup(records, "student", "teacher"),
+        "flops_speedup": macs["teacher"] / macs["student"],
         "speed": {**record.to_dict(), "protocol": record.protocol()}, "arch_key": spec.architecture_key(),
     }
     if path is not None:
