@@ -64,14 +64,16 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def interleaved(calls: Mapping[str, Callable[[], Any]], *, device: torch.device, dtype: torch.dtype,
-                warmup: int, iters: int, rounds: int,
+                warmup: int, iters: Union[int, Mapping[str, int]], rounds: int,
                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, list[float]]:
     """Seconds per call of every callable: `warmup` discarded calls each, then `rounds` rounds that
-    run each callable once discarded (its caches were another's a moment ago) and `iters` timed,
-    the starting callable rotated every round. `progress(round, rounds)` after each round."""
-    if iters < 1 or warmup < 0 or rounds < 1:
-        raise ValueError(f"need iters >= 1, rounds >= 1 and warmup >= 0, got {iters}, {rounds}, {warmup}")
+    run each callable once discarded (its caches were another's a moment ago) and `iters` timed (one
+    number, or one per callable), the starting callable rotated every round. `progress(round, rounds)`
+    after each round."""
     sync, names = _sync(device), list(calls)
+    per = {n: iters[n] for n in names} if isinstance(iters, Mapping) else dict.fromkeys(names, iters)
+    if min(per.values(), default=1) < 1 or warmup < 0 or rounds < 1:
+        raise ValueError(f"need iters >= 1, rounds >= 1 and warmup >= 0, got {iters}, {rounds}, {warmup}")
     samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode(), autocast(device, dtype):
         for n in names:
@@ -83,7 +85,7 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], *, device: torch.device,
                 if rounds > 1:
                     calls[n]()
                     sync()
-                for _ in range(iters):
+                for _ in range(per[n]):
                     t0 = time.perf_counter()
                     calls[n]()
                     sync()  # a CUDA call returns before the GPU is done: wait before reading the clock
