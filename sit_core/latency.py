@@ -13,7 +13,7 @@ reducers over (tokens in, keep ratio); queries between grid points are interpola
 `offset` is the whole teacher measured end to end minus its parts: what a whole forward costs
 beyond its parts (dispatch, cold weights), the same for every candidate of the backbone.
 
-Every entry is timed with `speed.interleaved`: all entries in ROUNDS rounds, rotated, medians.
+Every entry is timed with `speed.interleaved`: all entries in `Protocol.rounds` rounds, rotated, medians.
 Tables are keyed by a fingerprint (device, threads or GPU, batch, dtype, torch/timm versions,
 backbone, input size, protocol) and stored as JSON under `files.cache_dir("latency")` (or a
 directory on shared storage); `ensure_table` reuses a matching table and rebuilds, with a
@@ -30,7 +30,7 @@ import math
 import platform
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -49,10 +49,6 @@ from .speed import (SpeedRecord, as_device, autocast, bench_setup, compare, devi
                     random_input)
 
 FORMAT = "sit-latency/1"
-WARMUP = 2                 # discarded calls per entry before the first round
-ROUNDS = 7                 # interleaved rounds over every entry; medians over all rounds
-ITERS = 3                  # timed calls per entry per round (the teacher anchor: TEACHER_ITERS)
-TEACHER_ITERS = 2          # the whole teacher is the costliest entry by far
 DENSE_UP_TO = 64           # token grids hold every count up to this many patch tokens
 GRID_POINTS = 17           # ... and this many counts spread over 1..N beyond it
 REDUCER_POINTS = 9         # tokens-in grid of the reducer tables
@@ -60,6 +56,19 @@ KEEP_GRID = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # reducer 
 REDUCERS = ("tsm", "drop", "drop+fuse", "merge")
 CONFIRM_ROUNDS = 10        # end-to-end confirmations: rounds over the models (spread: IQR over all)
 PathLike = Union[str, Path]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a table's entries are timed (`speed.interleaved`); part of the fingerprint."""
+
+    warmup: int = 2          # discarded calls per entry before the first round
+    rounds: int = 7          # interleaved rounds over every entry; medians over all rounds
+    iters: int = 3           # timed calls per entry per round
+    teacher_iters: int = 2   # the whole teacher (the offset's anchor) is the costliest entry by far
+
+
+QUICK = Protocol(warmup=1, rounds=2, iters=1, teacher_iters=1)  # smoke runs and tests: mechanics, not numbers
 
 
 class LatencyTableWarning(UserWarning):
@@ -103,7 +112,8 @@ def serving_threads(speed: SpeedSpec) -> Optional[int]:
     return None if speed.device == "cuda" else (speed.threads or node_threads())
 
 
-def fingerprint(spec: ModelSpec, speed: SpeedSpec, threads: Optional[int] = None) -> dict:
+def fingerprint(spec: ModelSpec, speed: SpeedSpec, threads: Optional[int] = None,
+                protocol: Protocol = Protocol()) -> dict:
     """What a table's numbers depend on. Computed where the table is built and used (the serving node)."""
     device = as_device(speed.device)
     in_chans, img = input_shape(spec)
@@ -113,8 +123,8 @@ def fingerprint(spec: ModelSpec, speed: SpeedSpec, threads: Optional[int] = None
         "batch_size": speed.batch_size, "dtype": speed.dtype, "torch": torch.__version__, "timm": timm.__version__,
         "backbone": spec.backbone, "kwargs": json.loads(json.dumps(spec.kwargs, sort_keys=True, default=str)),
         "img_size": list(img), "in_chans": in_chans, "geometry": list(spec.geometry()),
-        "protocol": {"warmup": WARMUP, "rounds": ROUNDS, "iters": ITERS, "teacher_iters": TEACHER_ITERS, "dense_up_to": DENSE_UP_TO,
-                     "grid_points": GRID_POINTS, "reducer_points": REDUCER_POINTS, "keeps": list(KEEP_GRID)},
+        "protocol": {**asdict(protocol), "dense_up_to": DENSE_UP_TO, "grid_points": GRID_POINTS,
+                     "reducer_points": REDUCER_POINTS, "keeps": list(KEEP_GRID)},
     }
 
 
@@ -304,7 +314,8 @@ def _with_sizes(sizes: TokenSizes, size: torch.Tensor, fn: Callable, *args, bias
 
 
 def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("tsm",), *,
-                threads: Optional[int] = None, log: Callable[[str], None] = print) -> LatencyTable:
+                threads: Optional[int] = None, protocol: Protocol = Protocol(),
+                log: Callable[[str], None] = print) -> LatencyTable:
     """Measure every part of `spec`'s backbone on `speed.device` (see the module docstring)."""
     t0 = time.time()
     needed = parts_needed(reducers)
@@ -354,9 +365,9 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
                     calls[f"{kind}:{a}:{k}"] = _with_sizes(sizes, ones[a], slim, x[a])
         log(f"latency table: timing {len(calls)} entries of {spec.backbone} ({', '.join(sorted(needed))}) at batch {b} "
             f"{speed.dtype} on {device_name(device)} [{device}{f', {used} threads' if device.type == 'cpu' else ''}]: "
-            f"{ROUNDS} interleaved rounds")
-        samples = interleaved(calls, device=device, dtype=dtype, warmup=WARMUP, rounds=ROUNDS,
-                              iters={n: TEACHER_ITERS if n == "teacher" else ITERS for n in calls},
+            f"{protocol.rounds} interleaved rounds")
+        samples = interleaved(calls, device=device, dtype=dtype, warmup=protocol.warmup, rounds=protocol.rounds,
+                              iters={n: protocol.teacher_iters if n == "teacher" else protocol.iters for n in calls},
                               progress=lambda r, total: log(f"latency table: round {r}/{total} ({time.time() - t0:.0f} s)"))
 
     def stat(name: str) -> tuple[float, float]:
@@ -376,12 +387,12 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
         cells = [[stat(f"{kind}:{a}:{k}") for k in KEEP_GRID] for a in rgrid]
         parts[kind] = {"n": rgrid, "keep": list(KEEP_GRID), "ms": [[c[0] for c in row] for row in cells],
                        "iqr_ms": [[c[1] for c in row] for row in cells]}
-    protocol = (f"{device_name(device)} [{device}], {speed.dtype}{'' if speed.dtype == 'float32' else ' (autocast)'}, "
-                f"batch {b}, {used} threads, eval + inference_mode, random input; {len(calls)} entries, {WARMUP} warm-up "
-                f"discarded each, then {ROUNDS} rounds interleaved over all entries x (1 discarded + {ITERS} timed, "
-                f"the teacher {TEACHER_ITERS}), median per entry; torch {torch.__version__}, timm {timm.__version__}, "
+    how = (f"{device_name(device)} [{device}], {speed.dtype}{'' if speed.dtype == 'float32' else ' (autocast)'}, "
+                f"batch {b}, {used} threads, eval + inference_mode, random input; {len(calls)} entries, {protocol.warmup} "
+                f"warm-up discarded each, then {protocol.rounds} rounds interleaved over all entries x {protocol.iters} "
+                f"timed (the teacher {protocol.teacher_iters}), median per entry; torch {torch.__version__}, timm {timm.__version__}, "
                 f"python {platform.python_version()}")
-    table = LatencyTable(fingerprint(spec, speed, threads), parts, protocol, round(time.time() - t0, 1))
+    table = LatencyTable(fingerprint(spec, speed, threads, protocol), parts, how, round(time.time() - t0, 1))
     log(f"latency table: built in {table.build_s:.0f} s")
     return table
 
@@ -402,14 +413,14 @@ def _attention_stats(block: nn.Module, xs: Mapping[int, torch.Tensor], device, d
 
 def ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("tsm",), *,
                  directory: Optional[PathLike] = None, threads: Optional[int] = None,
-                 log: Callable[[str], None] = print) -> LatencyTable:
+                 protocol: Protocol = Protocol(), log: Callable[[str], None] = print) -> LatencyTable:
     """The stored table for this backbone on this device if it matches, else a new one (saved).
 
     A table whose fingerprint differs from this device's, that is corrupt or partial, or that lacks a
     reducer asked for, is rebuilt (with a LatencyTableWarning for the first two) and never used as is.
     """
     threads = threads or serving_threads(speed)
-    fp = fingerprint(spec, speed, threads)
+    fp = fingerprint(spec, speed, threads, protocol)
     path = table_path(fp, directory)
     needed = parts_needed(reducers)
     if path.exists():
@@ -429,7 +440,7 @@ def ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("
             else:
                 log(f"{table.describe()}; loaded from {path}")
                 return table
-    table = build_table(spec, speed, sorted(needed & set(REDUCERS)), threads=threads, log=log)
+    table = build_table(spec, speed, sorted(needed & set(REDUCERS)), threads=threads, protocol=protocol, log=log)
     table.save(path)
     log(f"{table.describe()}; saved to {path}")
     return table

@@ -67,9 +67,10 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], *, device: torch.device,
                 warmup: int, iters: Union[int, Mapping[str, int]], rounds: int,
                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, list[float]]:
     """Seconds per call of every callable: `warmup` discarded calls each, then `rounds` rounds that
-    run each callable once discarded (its caches were another's a moment ago) and `iters` timed (one
-    number, or one per callable), the starting callable rotated every round. `progress(round, rounds)`
-    after each round."""
+    time each callable `iters` times (one number, or one per callable), the starting callable rotated
+    every round. The first call of a round finds caches holding another's data, as a layer does inside
+    a model; medians and percentiles over the rounds are the result. `progress(round, rounds)` after
+    each round."""
     sync, names = _sync(device), list(calls)
     per = {n: iters[n] for n in names} if isinstance(iters, Mapping) else dict.fromkeys(names, iters)
     if min(per.values(), default=1) < 1 or warmup < 0 or rounds < 1:
@@ -82,9 +83,6 @@ def interleaved(calls: Mapping[str, Callable[[], Any]], *, device: torch.device,
         sync()
         for r in range(rounds):
             for n in names[r % len(names):] + names[:r % len(names)]:
-                if rounds > 1:
-                    calls[n]()
-                    sync()
                 for _ in range(per[n]):
                     t0 = time.perf_counter()
                     calls[n]()
@@ -134,7 +132,7 @@ class SpeedRecord:
         timing = f"{self.warmup} warm-up discarded + {self.samples} timed iters"
         if self.rounds > 1:
             timing = (f"{self.warmup} warm-up discarded, then {self.rounds} rounds interleaved with the other "
-                      f"models x (1 discarded + {self.samples // self.rounds} timed iters)")
+                      f"models x {self.samples // self.rounds} timed iters")
         return (f"{self.device_name} [{self.device}], {self.dtype}{'' if self.dtype == 'float32' else ' (autocast)'}, "
                 f"batch {self.batch_size}, {self.in_chans}x{h}x{w}, {self.threads} threads, eval + inference_mode, "
                 f"seeded random input, {timing} (each iteration synced and timed separately); torch "

@@ -22,20 +22,13 @@ TINY_LVVIT = ModelSpec("lvvit_tiny", dict(img_size=32, num_classes=3, embed_dim=
 SPEED = SpeedSpec(batch_size=2, warmup=1, iters=2, threads=1)
 
 
-@pytest.fixture
-def quick(monkeypatch):
-    """A short protocol: the mechanics are under test here, not the numbers."""
-    monkeypatch.setattr(latency, "ROUNDS", 2)
-    monkeypatch.setattr(latency, "ITERS", 1)
-    monkeypatch.setattr(latency, "WARMUP", 1)
+QUICK = latency.QUICK  # a short protocol: the mechanics are under test here, not the numbers
 
 
 @pytest.fixture(scope="module")
 def tiny_table():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(latency, "ROUNDS", 3)
-        mp.setattr(latency, "ITERS", 2)
-        return latency.build_table(TINY_VIT, SPEED, ("tsm", "drop", "drop+fuse", "merge"), log=lambda s: None)
+    return latency.build_table(TINY_VIT, SPEED, ("tsm", "drop", "drop+fuse", "merge"), log=lambda s: None,
+                               protocol=latency.Protocol(warmup=1, rounds=3, iters=2, teacher_iters=2))
 
 
 # --------------------------------------------------------------------------- what the model adds up
@@ -165,8 +158,8 @@ def test_table_builds_on_a_tiny_vit_with_every_reducer(tiny_table):
         t.predict_spec(TINY_LVVIT)
 
 
-def test_table_builds_on_lvvit_blocks(quick):
-    t = latency.build_table(TINY_LVVIT, SPEED, ("tsm", "drop", "merge"), log=lambda s: None)
+def test_table_builds_on_lvvit_blocks():
+    t = latency.build_table(TINY_LVVIT, SPEED, ("tsm", "drop", "merge"), log=lambda s: None, protocol=QUICK)
     assert t.fingerprint["geometry"] == [3, 4, 1, 64]
     for schedule in ("tsm:1@0.5", "drop:2@0.5", "merge:1@0.5"):
         assert t.predict(schedule) > 0
@@ -195,10 +188,10 @@ def test_measure_models_records_every_model_with_its_spread():
 def built(tmp_path, reducers=("tsm",), **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LatencyTableWarning)  # a clean store gives no warning
-        return ensure_table(TINY_VIT, SPEED, reducers, directory=tmp_path, log=lambda s: None, **kw)
+        return ensure_table(TINY_VIT, SPEED, reducers, directory=tmp_path, log=lambda s: None, protocol=QUICK, **kw)
 
 
-def test_a_matching_table_is_reused(tmp_path, quick, monkeypatch):
+def test_a_matching_table_is_reused(tmp_path, monkeypatch):
     first = built(tmp_path)
     assert first.path and len(list(tmp_path.glob("*.json"))) == 1
     monkeypatch.setattr(latency, "build_table", lambda *a, **k: pytest.fail("a matching table was rebuilt"))
@@ -206,26 +199,26 @@ def test_a_matching_table_is_reused(tmp_path, quick, monkeypatch):
     assert again.parts == first.parts and again.build_s == first.build_s
 
 
-def test_another_setting_gets_its_own_table(tmp_path, quick):
+def test_another_setting_gets_its_own_table(tmp_path):
     built(tmp_path)
     built(tmp_path, threads=2)
     assert len(list(tmp_path.glob("*.json"))) == 2
 
 
-def test_a_mismatched_fingerprint_is_rebuilt_with_a_warning(tmp_path, quick):
+def test_a_mismatched_fingerprint_is_rebuilt_with_a_warning(tmp_path):
     path = built(tmp_path).path
     stored = json.loads(open(path).read())
     stored["fingerprint"]["torch"] = "0.0.1"
     stored["build_s"] = -1.0
     open(path, "w").write(json.dumps(stored))
     with pytest.warns(LatencyTableWarning, match="differs in torch"):
-        table = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lambda s: None)
+        table = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lambda s: None, protocol=QUICK)
     assert table.fingerprint["torch"] == torch.__version__ and table.build_s > 0
     assert json.loads(open(path).read())["fingerprint"]["torch"] == torch.__version__  # the store is fixed too
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not json", "a part missing", "a negative time", "wrong format"])
-def test_a_corrupt_or_partial_table_is_rebuilt_with_a_warning(tmp_path, quick, damage):
+def test_a_corrupt_or_partial_table_is_rebuilt_with_a_warning(tmp_path, damage):
     path = built(tmp_path).path
     text = open(path).read()
     stored = json.loads(text)
@@ -243,14 +236,14 @@ def test_a_corrupt_or_partial_table_is_rebuilt_with_a_warning(tmp_path, quick, d
         text = json.dumps(stored)
     open(path, "w").write(text)
     with pytest.warns(LatencyTableWarning, match="unusable"):
-        table = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lambda s: None)
+        table = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lambda s: None, protocol=QUICK)
     assert LatencyTable.load(path).parts == table.parts  # whole again on disk
 
 
-def test_a_table_lacking_a_reducer_is_rebuilt_with_all_of_them(tmp_path, quick):
+def test_a_table_lacking_a_reducer_is_rebuilt_with_all_of_them(tmp_path):
     built(tmp_path, ("tsm",))
     lines = []
-    table = ensure_table(TINY_VIT, SPEED, ("merge",), directory=tmp_path, log=lines.append)
+    table = ensure_table(TINY_VIT, SPEED, ("merge",), directory=tmp_path, log=lines.append, protocol=QUICK)
     assert set(table.reducers) == {"tsm", "merge"} and "attn_prop" in table.parts
     assert any("lacks" in line and "merge" in line for line in lines) and any("built in" in line for line in lines)
     assert any("round 2/2" in line for line in lines)  # progress while it builds

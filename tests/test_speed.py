@@ -66,7 +66,7 @@ def test_compare_returns_one_record_per_model_and_restores_state():
         assert isinstance(rec, SpeedRecord)
         assert rec.samples == 4 and rec.rounds == 2 and rec.warmup == 1 and rec.threads == 1
         assert rec.p25_ms <= rec.p50_ms <= rec.p75_ms and rec.iqr_ms >= 0
-        assert "2 rounds interleaved" in rec.protocol() and "1 discarded + 2 timed" in rec.protocol()
+        assert "2 rounds interleaved" in rec.protocol() and "x 2 timed iters" in rec.protocol()
         assert models[n].training
     assert speedup(records, "base", "base") == 1.0
     assert speedup(records, "tiny", "small") == pytest.approx(records["tiny"].img_s / records["small"].img_s)
@@ -81,8 +81,8 @@ def test_interleaved_order_warmup_and_rotation():
     assert {n: len(s) for n, s in samples.items()} == {"a": 9, "b": 9, "c": 9}  # rounds x iters
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]          # warm-up, discarded
     body = calls[6:]
-    assert len(body) == 3 * 3 * (1 + 3)                         # each round: 1 discarded + 3 timed per callable
-    firsts = [body[i * 12] for i in range(3)]
+    assert len(body) == 3 * 3 * 3                               # each round: 3 timed per callable
+    firsts = [body[i * 9] for i in range(3)]
     assert firsts == ["a", "b", "c"]                            # who goes first rotates
     assert rounds_seen == [(1, 3), (2, 3), (3, 3)]
     with pytest.raises(ValueError):
