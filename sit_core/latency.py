@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import platform
 import time
 import warnings
@@ -54,7 +53,6 @@ GRID_POINTS = 17           # ... and this many counts spread over 1..N beyond it
 REDUCER_POINTS = 9         # tokens-in grid of the reducer tables
 KEEP_GRID = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # reducer tables: tokens out / in
 REDUCERS = ("tsm", "drop", "drop+fuse", "merge")
-CONFIRM_ROUNDS = 10        # end-to-end confirmations: rounds over the models (spread: IQR over all)
 PathLike = Union[str, Path]
 
 
@@ -63,12 +61,14 @@ class Protocol:
     """How a table's entries are timed (`speed.interleaved`); part of the fingerprint."""
 
     warmup: int = 2          # discarded calls per entry before the first round
-    rounds: int = 7          # interleaved rounds over every entry; medians over all rounds
-    iters: int = 3           # timed calls per entry per round
-    teacher_iters: int = 2   # the whole teacher (the offset's anchor) is the costliest entry by far
+    rounds: int = 15         # interleaved rounds over every entry; medians over all rounds
+    # One timed call per entry per round: a layer inside a model runs once between other layers, and
+    # a second call in a row finds its data in cache (measured: parts then sum to ~20% below the whole).
+    iters: int = 1
+    teacher_iters: int = 1   # the whole teacher (the offset's anchor)
 
 
-QUICK = Protocol(warmup=1, rounds=2, iters=1, teacher_iters=1)  # smoke runs and tests: mechanics, not numbers
+QUICK = Protocol(warmup=1, rounds=3)  # smoke runs and tests: mechanics, not numbers
 
 
 class LatencyTableWarning(UserWarning):
@@ -388,10 +388,10 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
         parts[kind] = {"n": rgrid, "keep": list(KEEP_GRID), "ms": [[c[0] for c in row] for row in cells],
                        "iqr_ms": [[c[1] for c in row] for row in cells]}
     how = (f"{device_name(device)} [{device}], {speed.dtype}{'' if speed.dtype == 'float32' else ' (autocast)'}, "
-                f"batch {b}, {used} threads, eval + inference_mode, random input; {len(calls)} entries, {protocol.warmup} "
-                f"warm-up discarded each, then {protocol.rounds} rounds interleaved over all entries x {protocol.iters} "
-                f"timed (the teacher {protocol.teacher_iters}), median per entry; torch {torch.__version__}, timm {timm.__version__}, "
-                f"python {platform.python_version()}")
+           f"batch {b}, {used} threads, eval + inference_mode, random input; {len(calls)} entries, {protocol.warmup} "
+           f"warm-up discarded each, then {protocol.rounds} rounds interleaved over all entries x {protocol.iters} "
+           f"timed (the teacher {protocol.teacher_iters}), median per entry; torch {torch.__version__}, timm {timm.__version__}, "
+           f"python {platform.python_version()}")
     table = LatencyTable(fingerprint(spec, speed, threads, protocol), parts, how, round(time.time() - t0, 1))
     log(f"latency table: built in {table.build_s:.0f} s")
     return table
@@ -448,12 +448,12 @@ def ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("
 
 # ------------------------------------------------------------------------------------------- measuring whole models
 
-def measure_models(specs: Mapping[str, ModelSpec], speed: SpeedSpec, *, rounds: int = CONFIRM_ROUNDS,
-                   iters: Optional[int] = None, warmup: Optional[int] = None,
+def measure_models(specs: Mapping[str, ModelSpec], speed: SpeedSpec, *, rounds: Optional[int] = None,
+                   iters: int = 1, warmup: Optional[int] = None,
                    threads: Optional[int] = None) -> dict[str, SpeedRecord]:
     """Every model built (random weights: speed does not depend on them) and timed end to end,
-    interleaved (`speed.compare`): `rounds` rounds of `iters` timed forwards each (default: the
-    spec's iterations spread over the rounds), after `warmup` (default the spec's) discarded."""
+    interleaved (`speed.compare`): `rounds` rounds (default: the spec's iterations) of `iters` timed
+    forwards each, after `warmup` (default: the spec's) discarded forwards per model."""
     shapes = {input_shape(s) for s in specs.values()}
     if len(shapes) != 1:
         raise ValueError(f"models to compare must take one input shape, got {sorted(shapes)}")
@@ -464,5 +464,4 @@ def measure_models(specs: Mapping[str, ModelSpec], speed: SpeedSpec, *, rounds: 
         models[name] = s.build().eval()
     return compare(models, batch_size=speed.batch_size, img_size=img_size, in_chans=in_chans, device=speed.device,
                    dtype=getattr(torch, speed.dtype), warmup=speed.warmup if warmup is None else warmup,
-                   iters=iters or max(1, math.ceil(speed.iters / rounds)), rounds=rounds,
-                   threads=threads or serving_threads(speed))
+                   iters=iters, rounds=rounds or speed.iters, threads=threads or serving_threads(speed))
