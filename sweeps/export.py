@@ -5,7 +5,8 @@
     python sweeps/export.py --out runs/pareto --pick budget:12.5    # best accuracy under 12.5 ms
 
 The trial table is rebuilt from the sweep's MLflow runs with the sweep's own objectives and
-constraints (recorded on its parent run), so the picks are the sweep's. Each card embeds the whole
+constraints (recorded on its parent run), so the picks are the sweep's: on measured latency where
+the sweep confirmed its front, and never a candidate measured no faster than its teacher. Each card embeds the whole
 job (`sit_core.card_job` gives it back), the measured accuracy and speed, the MLflow run and the
 weights; `sit_core.load_card(path)` rebuilds the model.
 """
@@ -30,8 +31,10 @@ from sweeps.cli import doc_parser
 from sweeps.pareto_front import Constraints
 from sweeps.train_loop import MODEL_FILE
 
-CARD_METRICS = ("top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms", "speedup_measured",
-                "gmacs", "params_m")
+# latency_ms: what the search saw (predicted, or probed per trial); latency_measured_ms and the rest: the
+# sweep's end-to-end confirmation, interleaved with the teacher (its p50 beside them)
+CARD_METRICS = ("top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms", "latency_p25_ms",
+                "latency_p75_ms", "speedup_measured", "teacher_latency_measured_ms", "gmacs", "params_m")
 
 
 def pick_rows(table: pd.DataFrame, pick: str, objectives: Mapping[str, str]) -> pd.DataFrame:

@@ -1,5 +1,6 @@
-"""The sweep itself (called by `pareto.py` once its plan is validated): the Tuner with the Optuna
-searcher and MLflow logging, then the one trial table, its front, plots, MLflow summary and cards."""
+"""The sweep itself (called by `pareto.py` once its plan is validated): the serving node and the
+latency table, the Tuner with the Optuna searcher and MLflow logging, then the one trial table, the
+front confirmed by end-to-end measurement, plots, MLflow summary and cards."""
 from __future__ import annotations
 
 import json
@@ -9,27 +10,34 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+from mlflow.entities import Metric, RunTag
 
 from ray import tune
 
-from search_spaces import SearchSpace, warm_starts
+from search_spaces import SearchSpace, apply_point, warm_starts
+from sit_core import latency
 from sit_core.files import atomic_write_text
 
 from . import pareto_front, results, tracking
 from .export import export_cards, pick_rows
 from .optuna_search import ParetoOptunaSearch, make_sampler
-from .runner import Session
-from .speed_probe import Prober
+from .runner import Session, init_ray
+from .serving import ServingTarget
+from .speed_probe import LatencyModel, Prober
 from .trial import TRIAL_CPU, SweepContext, run_trial
 from .trial_logger import TrialRunLogger
 
 EXPERIMENT = "sit-pareto"
+NEAR_FRONT = 0.05  # trials within 5% of the front are confirmed too: a prediction that far off could reorder them
 
 
 def run_sweep(plan) -> int:
     t0 = time.time()
     job = plan.job
     in_process = plan.workers == 1
+    print(init_ray(plan.address))
+    # where latency is timed: found (and refused, if ambiguous) before a teacher trains or a file is written
+    serving = ServingTarget.locate(job.speed, plan.latency_resource, trains_on_gpu=plan.gpu)
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
                             trial_cpu=0.0 if in_process else TRIAL_CPU, address=plan.address)
@@ -42,9 +50,17 @@ def run_sweep(plan) -> int:
           f"({'GPU' if workers.use_gpu else f'{workers.cpus_per_worker:g} CPU'}), sampler {plan.sampler}, "
           f"objectives {plan.objectives}")
 
-    latency = Prober(job.speed, cache_dir=os.path.join(plan.out, "speed_cache"))
-    teacher_speed = latency(job.model.teacher())  # one teacher latency per sweep, used everywhere
-    print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch, {teacher_speed['gmacs']:.4f} GMACs")
+    print(f"latency ({plan.latency}) on {serving.describe()}")
+    if plan.latency == "model":
+        table = serving.ensure_table(job.model, plan.reducers, directory=plan.latency_table_dir,
+                                     protocol=latency.QUICK if plan.smoke else latency.Protocol())
+        print(f"{table.describe()}; {table.path}")
+        oracle = LatencyModel(table)
+    else:
+        oracle = Prober(serving, cache_dir=os.path.join(plan.out, "speed_cache"))
+    teacher_speed = oracle(job.model.teacher())
+    print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch ({'predicted' if plan.latency == 'model' else 'measured'}), "
+          f"{teacher_speed['gmacs']:.4f} GMACs")
 
     exp_id = tracking.ensure_experiment(plan.tracking_uri, EXPERIMENT)
     record = plan.record()  # what a later export needs: written beside the runs and into MLflow
@@ -55,12 +71,14 @@ def run_sweep(plan) -> int:
     tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
 
     ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
-                       latency=latency, teacher=[session.teacher_ref])
+                       latency=oracle, teacher=[session.teacher_ref], probe_lock=oracle.mode == "measure")
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
     logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label)
     grid = _tuner(plan, job, trainable, concurrent, logger).fit()
     trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
+    table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
+    log_confirmation(plan.tracking_uri, parent, table, serving)
     summary = summarise(plan, table, teacher_speed, session, parent)
     picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
     cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info={
@@ -116,10 +134,68 @@ def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tun
     )
 
 
+def confirm_front(plan, table: pd.DataFrame, serving: ServingTarget, teacher_speed: dict) -> tuple[pd.DataFrame, dict]:
+    """Time the front and the trials within NEAR_FRONT of it end to end on the serving node, interleaved
+    with the teacher (identical architectures once), and recompute the front on those measurements.
+    Returns the table and the sweep's one teacher latency: the teacher measured beside the front."""
+    rows = table[results.to_confirm(table, plan.objectives, NEAR_FRONT)]
+    if rows.empty:
+        print("\nno feasible trial to confirm")
+        return table, teacher_speed
+    specs, key_of = {"teacher": plan.job.model.teacher()}, {}
+    for i, row in rows.iterrows():
+        spec = apply_point(plan.job, row["config"]).model
+        key_of[i] = spec.architecture_key()
+        specs.setdefault(key_of[i], spec)
+    rounds = plan.job.speed.iters
+    print(f"\nconfirming {len(rows)} trial(s) on or within {NEAR_FRONT:.0%} of the front ({len(specs) - 1} "
+          f"architectures) end to end, interleaved with the teacher: {rounds} rounds on {serving.describe()}")
+    t0 = time.time()
+    records = serving.measure(specs, rounds=rounds)
+    teacher = records["teacher"]
+    table = results.confirmed(table, {i: records[k] for i, k in key_of.items()}, teacher, plan.objectives,
+                              plan.constraints)
+    measured = table[table[results.MEASURED].notna()]
+    error = (measured["latency_ms"] / measured[results.MEASURED] - 1).abs()
+    print(f"confirmed in {time.time() - t0:.0f} s ({teacher.protocol()}): teacher {teacher.p50_ms:.2f} ms "
+          f"(IQR {teacher.iqr_ms:.2f}); trials' latency_ms vs measured: mean |error| {error.mean():.1%}, "
+          f"max {error.max():.1%}")
+    slower = measured[measured["speedup_measured"] <= 1.0]
+    if len(slower):
+        print(f"not exported: {', '.join(slower['label'])} measured no faster than the teacher")
+    return table, {**teacher_speed, "latency_ms": teacher.p50_ms, "latency_iqr_ms": teacher.iqr_ms,
+                   "latency_predicted_ms": teacher_speed["latency_ms"]}
+
+
+def log_confirmation(uri: str, parent: str, table: pd.DataFrame, serving: ServingTarget) -> None:
+    """The measured latency, its spread and the measured speed-up on each confirmed trial's MLflow run,
+    the protocol as its `sit.speed` tag; where latency was timed on the parent run."""
+    client = tracking.MlflowClient(uri)
+    client.set_tag(parent, "sit.latency_node", serving.node_id)
+    client.set_tag(parent, "sit.latency_device", serving.describe())
+    if results.MEASURED not in table:
+        return
+    now = int(time.time() * 1000)
+    cols = (results.MEASURED, "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms", "speedup_measured",
+            "teacher_latency_measured_ms")
+    for _, row in table[table[results.MEASURED].notna() & table["run_id"].notna()].iterrows():
+        step = int(row["epoch"]) if pd.notna(row.get("epoch")) else 0
+        client.log_batch(row["run_id"], metrics=[Metric(c, float(row[c]), now, step) for c in cols], tags=[
+            RunTag("sit.speed", json.dumps({f: _plain(row[f"speed.{f}"]) for f in results.SPEED_FIELDS}))])
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
 def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -> dict:
-    """Write the table, plot and hypervolume history; tag MLflow; print the front."""
-    objectives = plan.objectives
-    reference = results.reference_point(objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
+    """Write the table, plot and hypervolume history; tag MLflow; print the front. Latency is the
+    measured one where the front was confirmed (and the teacher's is the one measured beside it)."""
+    confirmed = results.MEASURED in table and table[results.MEASURED].notna().any()
+    latency_col = results.MEASURED if confirmed else "latency_ms"
+    objectives = {(latency_col if c == "latency_ms" else c): d for c, d in plan.objectives.items()}
+    reference = results.reference_point(plan.objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
+    reference = {(latency_col if c == "latency_ms" else c): v for c, v in reference.items()}
     hv = pareto_front.hypervolume(table, objectives, reference)
     # hypervolume against time: trials in the order they finished (each row's last report)
     table["finished_ms"] = (pd.to_numeric(table.get("timestamp"), errors="coerce") * 1000).fillna(0).astype("int64")
@@ -128,9 +204,12 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     csv, png, hv_csv = out / "pareto.csv", out / "pareto.png", out / "hypervolume_history.csv"
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
-    pareto_front.plot_pareto(table, objectives, png, label_col="label", reference_point={
-        "top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
-        "label": "teacher"})
+    pareto_front.plot_pareto(
+        table, objectives, png, x=latency_col, label_col="label",
+        x_spread=("latency_p25_ms", "latency_p75_ms") if confirmed else None,
+        x_predicted="latency_ms" if confirmed else None,
+        reference_point={"top1": session.teacher.metrics.get("val_top1", float("nan")),
+                         latency_col: teacher_speed["latency_ms"], "label": "teacher"})
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
@@ -138,10 +217,12 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
         "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
         "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
-        "teacher_latency_ms": teacher_speed["latency_ms"]})
+        "teacher_latency_ms": teacher_speed["latency_ms"],
+        "teacher_latency_predicted_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"]),
+        "n_confirmed": int(table[latency_col].notna().sum()) if confirmed else 0})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
-    print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_failed} failed); "
-          f"hypervolume {hv:.4f} (reference {reference})")
+    print(f"\nPareto front{' (measured latency)' if confirmed else ''}: {int(table['pareto'].sum())} of {len(table)} "
+          f"trials ({n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
     print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
     return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}
