@@ -10,10 +10,14 @@ attention half at the tokens entering, the MLP half at the tokens leaving an in-
 attention with ToMe's proportional-attention bias (`attn_prop`). Each part is a lookup table over
 a grid of token counts (every count up to DENSE_UP_TO, GRID_POINTS spread over larger models),
 reducers over (tokens in, keep ratio); queries between grid points are interpolated linearly.
-`offset` is the whole teacher measured end to end minus its parts: what a whole forward costs
-beyond its parts (dispatch, cold weights), the same for every candidate of the backbone.
+`offset` is what a whole forward costs beyond its parts (dispatch, weights gone cold between
+blocks, the allocator's state), the same for every candidate of the backbone: the median, over a
+few whole models (the teacher and one FLOP-matched schedule per reducer), of their end-to-end time
+minus the sum of their parts. Those whole models are timed end to end the way the sweep confirms
+its front (`measure_models`: interleaved with each other, never with hundreds of small parts,
+which leave the caches and the allocator in a state no real forward sees).
 
-Every entry is timed with `speed.interleaved`: all entries in `Protocol.rounds` rounds, rotated, medians.
+Every part is timed with `speed.interleaved`: all parts in `Protocol.rounds` rounds, rotated, medians.
 Tables are keyed by a fingerprint (device, threads or GPU, batch, dtype, torch/timm versions,
 backbone, input size, protocol) and stored as JSON under `files.cache_dir("latency")` (or a
 directory on shared storage); `ensure_table` reuses a matching table and rebuilds, with a
@@ -42,12 +46,12 @@ from .config import ModelSpec, SpeedSpec, stable_hash
 from .files import atomic_write_text, cache_dir
 from .patch import BlockHalves, SlimPoint, _splits_at_mlp, model_geometry
 from .peers import AttentionStats, BipartiteMerge, TokenSizes, TopKDrop
-from .schedule import ScheduleLike, as_schedule
+from .schedule import PAPER_SCHEDULES, ScheduleLike, as_schedule
 from .slimming import TokenSlimming
 from .speed import (SpeedRecord, as_device, autocast, bench_setup, compare, device_name, interleaved, node_threads,
                     random_input)
 
-FORMAT = "sit-latency/1"
+FORMAT = "sit-latency/2"
 DENSE_UP_TO = 64           # token grids hold every count up to this many patch tokens
 GRID_POINTS = 17           # ... and this many counts spread over 1..N beyond it
 REDUCER_POINTS = 9         # tokens-in grid of the reducer tables
@@ -65,7 +69,6 @@ class Protocol:
     # One timed call per entry per round: a layer inside a model runs once between other layers, and
     # a second call in a row finds its data in cache (measured: parts then sum to ~20% below the whole).
     iters: int = 1
-    teacher_iters: int = 1   # the whole teacher (the offset's anchor)
 
 
 QUICK = Protocol(warmup=1, rounds=3)  # smoke runs and tests: mechanics, not numbers
@@ -138,7 +141,19 @@ def parts_needed(reducers: Sequence[str]) -> set[str]:
     if unknown:
         raise ValueError(f"reducers {unknown}: the latency model knows {', '.join(REDUCERS)}")
     kinds = {r for r in reducers if r != "none"}
-    return {"teacher", "stem", "head", "attn", "mlp", *kinds} | ({"attn_prop"} if "merge" in kinds else set())
+    return {"calibration", "stem", "head", "attn", "mlp", *kinds} | ({"attn_prop"} if "merge" in kinds else set())
+
+
+def calibration_schedules(depth: int, kinds: Sequence[str]) -> list[str]:
+    """The whole models the offset is measured on: the teacher and, per reducer, the FLOP-matched DeiT-S
+    schedule (blocks 3, 6, 9 of 12, keep 0.7) moved to this depth."""
+    base = PAPER_SCHEDULES["deit_flop_matched"]
+    out = ["none"]
+    for kind in kinds:
+        reducer = "drop" if kind == "drop+fuse" else kind
+        s = as_schedule(base.schedule, reducer=reducer, fuse_dropped=kind == "drop+fuse").scaled_to_depth(depth, base.depth)
+        out.append(str(s))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -159,8 +174,15 @@ class LatencyTable:
 
     @property
     def offset_ms(self) -> float:
-        """Teacher measured end to end minus the sum of its parts."""
-        return self.parts["teacher"]["ms"] - sum(v for k, v in self._parts(as_schedule(None)).items())
+        """Median over the calibration models of (measured end to end - the sum of their parts)."""
+        c = self.parts["calibration"]
+        return float(np.median([ms - sum(self._parts(as_schedule(s)).values()) for s, ms in zip(c["schedules"], c["ms"])]))
+
+    @property
+    def teacher_ms(self) -> float:
+        """The teacher as measured end to end while the table was built."""
+        c = self.parts["calibration"]
+        return c["ms"][c["schedules"].index("none")]
 
     def predict(self, schedule: ScheduleLike) -> float:
         """Predicted ms per batch of this backbone slimmed by `schedule`."""
@@ -210,11 +232,12 @@ class LatencyTable:
     def describe(self) -> str:
         fp = self.fingerprint
         where = f"{fp['threads']} threads" if fp["device"] == "cpu" else f"CUDA {fp['cuda']}"
-        teacher = self.parts["teacher"]["ms"]
+        teacher = self.teacher_ms
+        parts = sum(self._parts(as_schedule(None)).values())
         return (f"latency table for {fp['backbone']} ({', '.join(self.reducers) or 'no reducer'}), batch "
                 f"{fp['batch_size']} {fp['dtype']} on {fp['device_name']} [{fp['device']}, {where}], built in "
-                f"{self.build_s:.0f} s: teacher {teacher:.3f} ms end to end, parts {teacher - self.offset_ms:.3f} ms "
-                f"(offset {self.offset_ms:+.3f} ms)")
+                f"{self.build_s:.0f} s: teacher {teacher:.3f} ms end to end, {parts:.3f} ms in parts; offset "
+                f"{self.offset_ms:+.3f} ms (median over {len(self.parts['calibration']['ms'])} whole models)")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "protocol": self.protocol, "build_s": self.build_s,
@@ -232,7 +255,7 @@ class LatencyTable:
         parts = d["parts"]
         for name, p in parts.items():
             _check_part(name, p)
-        missing = {"teacher", "stem", "head", "attn", "mlp"} - set(parts)
+        missing = {"calibration", "stem", "head", "attn", "mlp"} - set(parts)
         if missing:
             raise ValueError(f"parts {sorted(missing)} are missing")
         return cls(dict(d["fingerprint"]), dict(parts), str(d["protocol"]), float(d["build_s"]), path)
@@ -260,8 +283,13 @@ def _check_part(name: str, p) -> None:
         return a.size > 0 and bool(np.isfinite(a).all() and (a > 0).all())
 
     try:
-        if name in ("teacher", "stem"):
+        if name == "stem":
             ok = positive([p["ms"]])
+        elif name == "calibration":
+            ok = (positive(p["ms"]) and len(p["ms"]) == len(p["schedules"]) and "none" in p["schedules"]
+                  and all(isinstance(x, str) for x in p["schedules"]))
+            for x in p["schedules"]:
+                as_schedule(x)  # ValueError: not a schedule
         elif name in REDUCERS:
             ok = (positive(p["ms"]) and np.shape(p["ms"]) == (len(p["n"]), len(p["keep"]))
                   and sorted(p["n"]) == list(p["n"]) and sorted(p["keep"]) == list(p["keep"]))
@@ -339,7 +367,7 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
     with bench_setup([teacher, stem, *tsms.values()], device, threads) as used, torch.inference_mode():
         img = random_input(b, img_size, in_chans, device)
         x = {n: torch.randn(b, prefix + n, dim, device=device) for n in sorted(set(grid) | set(rgrid))}
-        calls = {"teacher": lambda: teacher(img), "stem": lambda: stem.forward_features(img)}
+        calls = {"stem": lambda: stem.forward_features(img)}
         for n in grid:
             calls[f"attn:{n}"] = functools.partial(attn_half, x[n])
             calls[f"mlp:{n}"] = functools.partial(mlp_half, x[n])
@@ -363,22 +391,29 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
                     slim = SlimPoint(reducer, prefix, sizes=sizes if kind == "merge" else None)
                     slim._stats = _ReplayedStats(block.attn, *qk[a])
                     calls[f"{kind}:{a}:{k}"] = _with_sizes(sizes, ones[a], slim, x[a])
-        log(f"latency table: timing {len(calls)} entries of {spec.backbone} ({', '.join(sorted(needed))}) at batch {b} "
-            f"{speed.dtype} on {device_name(device)} [{device}{f', {used} threads' if device.type == 'cpu' else ''}]: "
+        log(f"latency table: timing {len(calls)} parts of {spec.backbone} ({', '.join(sorted(needed - {'calibration'}))}) "
+            f"at batch {b} {speed.dtype} on {device_name(device)} [{device}{f', {used} threads' if device.type == 'cpu' else ''}]: "
             f"{protocol.rounds} interleaved rounds")
         samples = interleaved(calls, device=device, dtype=dtype, warmup=protocol.warmup, rounds=protocol.rounds,
-                              iters={n: protocol.teacher_iters if n == "teacher" else protocol.iters for n in calls},
+                              iters=protocol.iters,
                               progress=lambda r, total: log(f"latency table: round {r}/{total} ({time.time() - t0:.0f} s)"))
+    del tsms, x, ones, qk, calls  # the whole models below get the memory (and the caches) to themselves
+
+    anchors = calibration_schedules(depth, kinds)
+    log(f"latency table: the offset, on {len(anchors)} whole models end to end ({', '.join(anchors)}): "
+        f"{protocol.rounds} interleaved rounds ({time.time() - t0:.0f} s)")
+    whole = measure_models({a: spec.with_schedule(a) for a in anchors}, speed, rounds=protocol.rounds,
+                           iters=protocol.iters, warmup=protocol.warmup, threads=threads)
 
     def stat(name: str) -> tuple[float, float]:
         ms = np.asarray(samples[name]) * 1e3
         q25, q50, q75 = np.percentile(ms, [25, 50, 75])
         return float(q50), float(q75 - q25)
 
-    parts: dict = {}
-    for name in ("teacher", "stem"):
-        med, iqr = stat(name)
-        parts[name] = {"ms": med, "iqr_ms": iqr}
+    med, iqr = stat("stem")
+    parts: dict = {"stem": {"ms": med, "iqr_ms": iqr},
+                   "calibration": {"schedules": anchors, "ms": [whole[a].p50_ms for a in anchors],
+                                   "iqr_ms": [whole[a].iqr_ms for a in anchors]}}
     for name in ("attn", "mlp", "head", "attn_prop"):
         if name in needed:
             cols = [stat(f"{name}:{n}") for n in grid]
@@ -388,10 +423,10 @@ def build_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("t
         parts[kind] = {"n": rgrid, "keep": list(KEEP_GRID), "ms": [[c[0] for c in row] for row in cells],
                        "iqr_ms": [[c[1] for c in row] for row in cells]}
     how = (f"{device_name(device)} [{device}], {speed.dtype}{'' if speed.dtype == 'float32' else ' (autocast)'}, "
-           f"batch {b}, {used} threads, eval + inference_mode, random input; {len(calls)} entries, {protocol.warmup} "
-           f"warm-up discarded each, then {protocol.rounds} rounds interleaved over all entries x {protocol.iters} "
-           f"timed (the teacher {protocol.teacher_iters}), median per entry; torch {torch.__version__}, timm {timm.__version__}, "
-           f"python {platform.python_version()}")
+           f"batch {b}, {used} threads, eval + inference_mode, random input; {len(samples)} parts, {protocol.warmup} "
+           f"warm-up discarded each, then {protocol.rounds} rounds interleaved over all parts x {protocol.iters} timed, "
+           f"median per part; offset from {len(anchors)} whole models timed end to end the same way, interleaved with "
+           f"each other; torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}")
     table = LatencyTable(fingerprint(spec, speed, threads, protocol), parts, how, round(time.time() - t0, 1))
     log(f"latency table: built in {table.build_s:.0f} s")
     return table

@@ -27,32 +27,39 @@ from sit_core import latency
 from sit_core.config import ModelSpec, SpeedSpec
 from sit_core.speed import SpeedRecord
 
-WAIT_S = 600  # how long to wait for a serving node (an autoscaler starting one takes minutes)
+WAIT_S = 900  # how long to wait for a serving node (an autoscaler launching and setting one up takes minutes)
 
+
+def _here() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+# Every task returns (result, the node it ran on): the caller checks it got the serving node.
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _where(device: str) -> dict:
+def _where(device: str) -> tuple[dict, str]:
     from sit_core.speed import device_name, node_threads
-    return {"node_id": ray.get_runtime_context().get_node_id(), "device_name": device_name(device),
-            "cores": node_threads()}
+    return {"device_name": device_name(device), "cores": node_threads()}, _here()
 
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str], directory: Optional[str],
-                  protocol: latency.Protocol) -> latency.LatencyTable:
+                  protocol: latency.Protocol) -> tuple[latency.LatencyTable, str]:
     # progress lines go to this task's stdout, which Ray forwards to the driver
-    return latency.ensure_table(spec, speed, reducers, directory=directory, protocol=protocol,
-                                log=lambda line: print(line, flush=True))
+    table = latency.ensure_table(spec, speed, reducers, directory=directory, protocol=protocol,
+                                 log=lambda line: print(line, flush=True))
+    return table, _here()
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _measure(specs: Mapping[str, ModelSpec], speed: SpeedSpec, rounds: Optional[int]) -> dict[str, SpeedRecord]:
-    return latency.measure_models(specs, speed, rounds=rounds)
+def _measure(specs: Mapping[str, ModelSpec], speed: SpeedSpec,
+             rounds: Optional[int]) -> tuple[dict[str, SpeedRecord], str]:
+    return latency.measure_models(specs, speed, rounds=rounds), _here()
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _call(fn: Callable, *args, **kwargs):
-    return fn(*args, **kwargs)
+def _call(fn: Callable, *args, **kwargs) -> tuple[object, str]:
+    return fn(*args, **kwargs), _here()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +77,7 @@ class ServingTarget:
                wait_s: float = WAIT_S, log: Callable[[str], None] = print) -> "ServingTarget":
         """Find the serving node (Ray must be initialised). Raises ValueError, one line, where the
         request is ambiguous or nothing in the cluster serves it within `wait_s`."""
-        here = ray.get_runtime_context().get_node_id()
+        here = _here()
         if resource is None and speed.device == "cpu":
             nodes = [n for n in ray.nodes() if n["Alive"]]
             if len(nodes) > 1:
@@ -95,9 +102,9 @@ class ServingTarget:
             raise ValueError(f"no node of this Ray cluster offered {want} within {wait_s:.0f} s for the latency "
                              f"tasks: check --latency-resource / the serving device (cluster resources: "
                              f"{_resource_names()})")
-        found = ray.get(ref)
+        found, node_id = ray.get(ref)
         threads = None if speed.device == "cuda" else (speed.threads or found["cores"])
-        return cls(speed, resource, found["node_id"], found["device_name"], threads)
+        return cls(speed, resource, node_id, found["device_name"], threads)
 
     @staticmethod
     def _request(speed: SpeedSpec, resource: Optional[str]) -> dict:
@@ -124,16 +131,21 @@ class ServingTarget:
     def ensure_table(self, spec: ModelSpec, reducers: Sequence[str], *, directory: Optional[str] = None,
                      protocol: latency.Protocol = latency.Protocol()) -> latency.LatencyTable:
         """The backbone's latency table, loaded or built on the serving node (`latency.ensure_table`)."""
-        return ray.get(_ensure_table.options(**self.options()).remote(spec, self.speed, list(reducers), directory,
-                                                                     protocol))
+        return self._run(_ensure_table, spec, self.speed, list(reducers), directory, protocol)
 
     def measure(self, specs: Mapping[str, ModelSpec], rounds: Optional[int] = None) -> dict[str, SpeedRecord]:
         """Every model timed end to end, interleaved (`latency.measure_models`), on the serving node."""
-        return ray.get(_measure.options(**self.options()).remote(dict(specs), self.speed, rounds))
+        return self._run(_measure, dict(specs), self.speed, rounds)
 
     def call(self, fn: Callable, *args, **kwargs):
         """Any function run on the serving node (the `--latency measure` probe)."""
-        return ray.get(_call.options(**self.options()).remote(fn, *args, **kwargs))
+        return self._run(_call, fn, *args, **kwargs)
+
+    def _run(self, task, *args, **kwargs):
+        result, node_id = ray.get(task.options(**self.options()).remote(*args, **kwargs))
+        if node_id != self.node_id:  # hard node affinity makes this impossible; a number from elsewhere is worse
+            raise RuntimeError(f"a latency task ran on node {node_id}, not on the serving node {self.node_id}")
+        return result
 
 
 def _resource_names() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,15 @@ def run_sweep(plan) -> int:
     grid = _tuner(plan, job, trainable, concurrent, logger).fit()
     trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
-    table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
+    try:
+        table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
+    except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
+        summarise(plan, table, teacher_speed, session, parent)
+        tracking.end_parent_run(plan.tracking_uri, parent, "FAILED")
+        print(f"\nconfirming the front failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
+              f": the trial table above holds the search's latency only and no card was exported; run the same "
+              f"command with --resume to confirm again (finished trials are not rerun)", file=sys.stderr)
+        return 1
     log_confirmation(plan.tracking_uri, parent, table, serving)
     summary = summarise(plan, table, teacher_speed, session, parent)
     picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]

@@ -28,24 +28,27 @@ QUICK = latency.QUICK  # a short protocol: the mechanics are under test here, no
 @pytest.fixture(scope="module")
 def tiny_table():
     return latency.build_table(TINY_VIT, SPEED, ("tsm", "drop", "drop+fuse", "merge"), log=lambda s: None,
-                               protocol=latency.Protocol(warmup=1, rounds=3, iters=2, teacher_iters=2))
+                               protocol=latency.Protocol(warmup=1, rounds=3, iters=2))
 
 
 # --------------------------------------------------------------------------- what the model adds up
 
 def synthetic_table(depth=4, num_patches=16, prefix=1) -> LatencyTable:
     """Parts whose values say where they were read: attn n, attn_prop 100 + n, mlp 1000 + n, head 0.5 n,
-    a reducer 10 000 x code + 10 n_in + keep (tsm 1, drop 2, drop+fuse 3, merge 4)."""
+    a reducer 10 000 x code + 10 n_in + keep (tsm 1, drop 2, drop+fuse 3, merge 4); whole models measured
+    3 ms above their parts, but one 50 ms above (an outlier the median ignores)."""
     n = list(range(1, num_patches + 1))
     keeps = list(latency.KEEP_GRID)
-    parts = {"teacher": {"ms": 0.0}, "stem": {"ms": 7.0},
+    parts = {"stem": {"ms": 7.0},
              "attn": {"n": n, "ms": [float(v) for v in n]}, "attn_prop": {"n": n, "ms": [100.0 + v for v in n]},
              "mlp": {"n": n, "ms": [1000.0 + v for v in n]}, "head": {"n": n, "ms": [0.5 * v for v in n]}}
     for code, kind in enumerate(latency.REDUCERS, start=1):
         parts[kind] = {"n": n, "keep": keeps, "ms": [[10000.0 * code + 10 * a + k for k in keeps] for a in n]}
     fp = {"geometry": [depth, num_patches, prefix, 8], "backbone": "x", "kwargs": {}}
     table = LatencyTable(fp, parts, "synthetic", 0.0)
-    parts["teacher"]["ms"] = sum(table._parts(SlimSchedule(reducer="none")).values()) + 3.0  # offset 3
+    whole = {"none": 3.0, "tsm:1,2@0.5": 3.0, "merge:2@0.5": 50.0}
+    parts["calibration"] = {"schedules": list(whole), "ms": [sum(table._parts(SlimSchedule.parse(s)).values()) + extra
+                                                             for s, extra in whole.items()]}
     return table
 
 
@@ -75,9 +78,10 @@ def test_prediction_adds_the_parts_the_schedule_runs(schedule):
     assert (parts["reducers"] > 0) == (schedule != "none")
 
 
-def test_teacher_is_predicted_as_measured_and_interpolation_is_linear():
+def test_the_offset_is_the_median_over_whole_models_and_interpolation_is_linear():
     table = synthetic_table()
-    assert table.predict("none") == pytest.approx(table.parts["teacher"]["ms"])
+    assert table.offset_ms == pytest.approx(3.0)
+    assert table.predict("none") == pytest.approx(table.teacher_ms)  # the teacher's own offset is the median
     sparse = synthetic_table()
     for name in ("attn", "mlp", "head", "attn_prop"):  # keep every 5th grid point: linear parts stay exact
         p = sparse.parts[name]
@@ -141,16 +145,21 @@ def test_reducer_harness_runs_the_models_reducer():
 def test_table_builds_on_a_tiny_vit_with_every_reducer(tiny_table):
     t = tiny_table
     assert set(t.reducers) == set(latency.REDUCERS)
-    assert {"teacher", "stem", "attn", "mlp", "head", "attn_prop"} <= set(t.parts)
+    assert {"calibration", "stem", "attn", "mlp", "head", "attn_prop"} <= set(t.parts)
+    # the offset's whole models: the teacher and the FLOP-matched schedule moved to 3 blocks, per reducer
+    assert t.parts["calibration"]["schedules"] == ["none", "tsm:1,2@0.7,0.7", "drop:1,2,3@0.7,0.7,0.7",
+                                                   "drop:1,2,3@0.7,0.7,0.7+fuse", "merge:1,2,3@0.7,0.7,0.7"]
     assert t.parts["attn"]["n"] == list(range(1, 17)) and len(t.parts["attn"]["ms"]) == 16
     assert len(t.parts["tsm"]["ms"]) == len(t.parts["tsm"]["n"]) and len(t.parts["tsm"]["ms"][0]) == len(latency.KEEP_GRID)
     LatencyTable.from_dict(json.loads(json.dumps(t.to_dict())))  # valid, round-trips through JSON
     fp = t.fingerprint
     assert fp["backbone"] == TINY_VIT.backbone and fp["batch_size"] == 2 and fp["threads"] == 1
     assert fp["img_size"] == [16, 16] and fp["geometry"] == [3, 16, 1, 32] and fp["torch"] == torch.__version__
-    assert "3 rounds interleaved" in t.protocol and "batch 2" in t.protocol and "median per entry" in t.protocol
+    assert "3 rounds interleaved" in t.protocol and "batch 2" in t.protocol and "median per part" in t.protocol
     assert t.build_s > 0
-    assert t.predict("none") == pytest.approx(t.parts["teacher"]["ms"])
+    c = t.parts["calibration"]
+    gaps = sorted(ms - t.breakdown(s)["total"] + t.offset_ms for s, ms in zip(c["schedules"], c["ms"]))
+    assert t.offset_ms == pytest.approx(gaps[2])  # the median of five whole models' (measured - parts)
     for schedule in ("tsm:1,2@0.5", "drop:1@0.5+fuse", "merge:1,2@0.5", "merge:r3"):
         assert t.predict(schedule) > 0
         assert t.predict_spec(TINY_VIT.with_schedule(schedule)) == t.predict(schedule)
