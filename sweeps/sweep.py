@@ -217,6 +217,8 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
         table, objectives, png, x=latency_col, label_col="label",
         x_spread=("latency_p25_ms", "latency_p75_ms") if confirmed else None,
         x_predicted="latency_ms" if confirmed else None,
+        title=(f"top1 vs latency measured end to end (bars: IQR; hollow: the search's {'predicted' if plan.latency == 'model' else 'probed'} latency): "
+               f"{int(table['pareto'].sum())} Pareto-optimal of {len(table)}") if confirmed else None,
         reference_point={"top1": session.teacher.metrics.get("val_top1", float("nan")),
                          latency_col: teacher_speed["latency_ms"], "label": "teacher"})
     runs = table["run_id"].dropna().tolist()
