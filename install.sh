@@ -12,6 +12,11 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 extras=""; [ "${1:-}" = "test" ] && extras="[test]"
+# The slow tests open MLflow's UI and Optuna's dashboard in headless Chromium (Debian's package).
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y chromium || { $SUDO apt-get update && $SUDO apt-get install -y chromium; }
+fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # constraints.txt pins torch/torchvision (a bare `torch` would pull the newest CUDA build) and the
 # rest of the tested set; pyproject.toml itself stays loose for GPU users.

@@ -16,6 +16,10 @@ from sit_core.config import DistillJob, override
 from sit_core.schedule import PAPER_SCHEDULES, SIT_LVVIT_VARIANTS, SlimSchedule
 
 
+KEEP_STEP = 0.05   # the keep-ratio grid of models with many tokens (>= 20 patch tokens)
+KEEP_GRID = 20     # coarser grids are multiples of 1/KEEP_GRID: 16 tokens -> step 0.1
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The callable `Searcher`s hand to Optuna; a frozen dataclass, not a closure, so Tune can pickle it."""
@@ -25,7 +29,7 @@ class SearchSpace:
     reducers: tuple[str, ...] = ("tsm",)
     max_stages: int = 3
     keep: tuple[float, float] = (0.3, 0.9)
-    keep_step: float = 0.05
+    keep_step: float = KEEP_STEP
     lambda_token: tuple[float, float] = (0.25, 4.0)
     lambda_logits: tuple[float, float] = (0.25, 4.0)
     tau: tuple[float, float] = (1.0, 4.0)
@@ -33,8 +37,16 @@ class SearchSpace:
 
     @classmethod
     def for_job(cls, job: DistillJob, reducers: Sequence[str] = ("tsm",)) -> "SearchSpace":
-        geometry = job.model.geometry()
-        return cls(geometry.depth, geometry.num_patches, tuple(reducers))
+        """The space of the job's model: positions from its depth, keep ratios from its patch-token
+        count (a grid step worth at least one token of the first stage). A reducer the model cannot
+        serve (drop needs a class token...) raises ValueError with the model's one-line refusal."""
+        geometry = job.model.geometry()  # refuses a backbone slimming cannot serve
+        for reducer in reducers:
+            why = job.model.refusal(SlimSchedule((1,), 0.5, reducer))
+            if why:
+                raise ValueError(f"--reducers {reducer} cannot serve {job.model.backbone}: {why}")
+        step = max(KEEP_STEP, math.ceil(KEEP_GRID / geometry.num_patches) / KEEP_GRID)
+        return cls(geometry.depth, geometry.num_patches, tuple(reducers), keep_step=step)
 
     @property
     def stages(self) -> int:
@@ -49,6 +61,12 @@ class SearchSpace:
             k += self.keep_step
         return min(round(k, 6), high)
 
+    @property
+    def max_keep(self) -> float:
+        """Largest grid ratio <= keep[1] (the grid starts at min_keep)."""
+        low = self.min_keep
+        return round(low + math.floor((self.keep[1] - low) / self.keep_step + 1e-6) * self.keep_step, 6)
+
     def __call__(self, trial) -> None:
         # always a parameter, even with one choice: a point must name its reducer
         trial.suggest_categorical("reducer", list(self.reducers))
@@ -58,7 +76,7 @@ class SearchSpace:
             # leave one block for every later stage, and at least one block after the last reducer
             pos = trial.suggest_int(f"pos_{i + 1}", low, self.depth - (n - i))
             low = pos + 1
-            trial.suggest_float(f"keep_{i + 1}", self.min_keep, self.keep[1], step=self.keep_step)
+            trial.suggest_float(f"keep_{i + 1}", self.min_keep, self.max_keep, step=self.keep_step)
         trial.suggest_float("lambda_token", *self.lambda_token, log=True)
         trial.suggest_float("lambda_logits", *self.lambda_logits, log=True)
         trial.suggest_float("tau", *self.tau)
@@ -67,7 +85,8 @@ class SearchSpace:
     def on_grid(self, keep: float) -> float:
         """A ratio snapped onto Optuna's float grid (min_keep + i * step), so warm starts validate."""
         low = self.min_keep
-        return round(low + math.floor((max(keep, low) - low) / self.keep_step + 0.5) * self.keep_step, 6)
+        return min(round(low + math.floor((max(keep, low) - low) / self.keep_step + 0.5) * self.keep_step, 6),
+                   self.max_keep)
 
 
 def apply_point(job: DistillJob, point: dict) -> DistillJob:

@@ -5,7 +5,7 @@
     python -m sit_core.benchmark --threads 8 --csv results/deit_speed.csv
 
 Builds DeiT-S (timm's own, the baseline), its FLOP-matched slimmed versions (TSMs / top-k drop /
-merging after blocks 3, 6, 9 keeping 0.7: SPEC's peer schedule), DeiT-T and SiT-DeiT-T, all with
+merging after blocks 3, 6, 9 keeping 0.7: docs/method.md "Peers"), DeiT-T and SiT-DeiT-T, all with
 random weights (speed does not depend on them), and times them interleaved round-robin with
 sit_core.speed.compare. Prints GMACs, params, img/s, measured speedup, FLOPs-predicted speedup
 and their ratio; the TSMs' share of SiT-DeiT-S's forward time; the protocol; and whether the

@@ -7,14 +7,20 @@ A card is a human-readable YAML file with the weights beside it:
 
 `write_card(...)` writes both, `load_card(path)` rebuilds the inference student and loads the
 weights strictly after checking their sha256; `card_job(path)` gives back the job itself. The weights path is stored relative to the card,
-so a card directory can be copied or moved as a whole. Nothing here imports Ray or MLflow: the
-`mlflow` field is plain text the caller fills in.
+so a card directory can be copied or moved as a whole. The `mlflow` field is plain text the caller
+fills in (the run, the logged model, the registered model and its aliases).
+
+`load_card("models:/<name>@<alias>")` (or `models:/<name>/<version>`, `models:/m-<id>`) loads a card
+that a sweep logged with its MLflow model (the card and its weights are the model's extra files).
+Only that URI scheme imports MLflow, lazily, inside the call: sit_core itself depends on PyTorch and
+timm alone, and reading a card from disk never needs MLflow installed.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +35,8 @@ from .files import atomic_write, file_sha256
 
 FORMAT = "sit-card/2"
 REQUIRED = ("format", "name", "job", "metrics", "speed", "weights", "created")
+MLFLOW_SCHEME = "models:/"   # a registered or logged MLflow model whose extra files hold the card
+CARD_DIR_IN_MODEL = "extra_files"  # where mlflow.<flavor>.log_model(extra_files=[...]) puts them
 # A name becomes the weights' file name: keep it a plain, portable file-name component.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -124,13 +132,23 @@ def card_job(path: PathLike) -> DistillJob:
     return DistillJob.from_dict(read_card(path)["job"])
 
 
-def load_card(path: PathLike, map_location: Any = "cpu") -> nn.Module:
-    """Rebuild the card's inference student and load its weights strictly; returned in eval mode."""
+def load_card(path: PathLike, map_location: Any = "cpu", tracking_uri: Optional[str] = None) -> nn.Module:
+    """Rebuild the card's inference student and load its weights strictly; returned in eval mode.
+
+    `path` is a card file, or an MLflow model URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
+    `models:/m-<id>`) whose extra files hold the card; `tracking_uri` is then the MLflow store
+    (default: MLflow's own, e.g. `$MLFLOW_TRACKING_URI`).
+    """
+    if str(path).startswith(MLFLOW_SCHEME):
+        with tempfile.TemporaryDirectory(prefix="sit-card-") as tmp:
+            return load_card(_download_card(str(path), tmp, tracking_uri), map_location)
     path = Path(path)
     card = read_card(path)
     weights_file = path.parent / card["weights"]["file"]
     if not weights_file.is_file():
-        raise FileNotFoundError(f"weights file {weights_file} named by card {path} does not exist")
+        where = card.get("mlflow", {}).get("model_uri")
+        raise FileNotFoundError(f"weights file {weights_file} named by card {path} does not exist"
+                                + (f" (the complete card is in MLflow: load_card({where!r}))" if where else ""))
     # Hash before unpickling/parsing anything: a swapped or truncated file never reaches the model.
     if file_sha256(weights_file) != card["weights"]["sha256"]:
         raise ValueError(f"weights file {weights_file} does not match the card's sha256 "
@@ -142,6 +160,35 @@ def load_card(path: PathLike, map_location: Any = "cpu") -> nn.Module:
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()
+
+
+def _download_card(model_uri: str, into: str, tracking_uri: Optional[str]) -> Path:
+    """The card file of an MLflow model, downloaded with its weights into `into`.
+
+    The URI is resolved with a client on `tracking_uri` (registry included): MLflow's own
+    `download_artifacts("models:/...")` resolves names and aliases in the process-global registry.
+    """
+    try:
+        from mlflow import MlflowClient  # only this URI scheme needs MLflow
+        from mlflow.artifacts import download_artifacts
+    except ImportError as e:
+        raise ImportError(f"loading {model_uri!r} needs MLflow (pip install mlflow); a card file on disk does not") from e
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    ref = model_uri[len(MLFLOW_SCHEME):].strip("/")
+    name, _, version = ref.partition("/")
+    if "@" in name:  # models:/<name>@<alias>
+        name, version = name.split("@", 1)[0], client.get_model_version_by_alias(*name.split("@", 1)).version
+    if version:      # models:/<name>/<version>
+        location = client.get_model_version_download_uri(name, version)
+    else:            # models:/m-<id>, a logged model
+        location = client.get_logged_model(name).artifact_location
+    local = Path(download_artifacts(artifact_uri=f"{location.rstrip('/')}/{CARD_DIR_IN_MODEL}", dst_path=into,
+                                    tracking_uri=tracking_uri))
+    cards = sorted(local.glob("*.yaml"))
+    if len(cards) != 1:
+        raise ValueError(f"{model_uri} holds {len(cards)} cards in its {CARD_DIR_IN_MODEL}/ (expected one): "
+                         "was it logged by a SiT sweep?")
+    return cards[0]
 
 
 def _check_state(spec: ModelSpec, state: Mapping) -> None:

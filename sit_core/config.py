@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Optional
 
@@ -21,8 +22,12 @@ import torch
 from torch import nn
 
 from .data import DataSpec
-from .patch import apply_slimming, model_geometry
+from .files import file_sha256
+from .patch import WORKING_FAMILIES, apply_slimming, model_geometry, refusal
 from .schedule import SlimSchedule, as_schedule
+
+
+FINETUNE_MODES = ("none", "head", "all")  # DistillJob.teacher_finetune
 
 
 def _finite(obj, *names: str, positive: bool = False, non_negative: bool = False) -> None:
@@ -51,17 +56,44 @@ class ModelSpec:
         self.schedule = as_schedule(self.schedule)
 
     def build_teacher(self, **extra) -> nn.Module:
-        """The plain backbone (also the teacher's architecture)."""
+        """The plain backbone (also the teacher's architecture). A name timm does not know, or options
+        the model does not take, raise ValueError with one line (a user's `--model` lands here)."""
         import sit_core  # noqa: F401  (registers lvvit_* / sit_* with timm)
-        return timm.create_model(self.backbone, **{**self.kwargs, **extra})
+        kwargs = {**self.kwargs, **extra}
+        if not timm.is_model(self.backbone):
+            raise ValueError(f"unknown timm model {self.backbone!r}: timm.list_models('*vit*') lists the ViTs "
+                             f"(slimming works on {WORKING_FAMILIES})")
+        try:
+            return timm.create_model(self.backbone, **kwargs)
+        except TypeError as e:  # a keyword the model's class does not take (img_size on a ResNet...)
+            raise ValueError(_kwargs_refusal(self.backbone, kwargs, e)) from None
 
     def build(self, **extra) -> nn.Module:
         """The inference student: backbone + reducers, random reducer weights."""
         return apply_slimming(self.build_teacher(**extra), self.schedule)
 
     def geometry(self) -> "Geometry":
-        """Depth, patch tokens, prefix tokens and width of the backbone (a meta-device build: no weights)."""
-        return _geometry(self.backbone, json.dumps(self.kwargs, sort_keys=True, default=str))
+        """Depth, patch tokens, prefix tokens and width of the backbone (a meta-device build: no weights).
+        A backbone slimming cannot serve raises ValueError with the one line saying why."""
+        return Geometry(*model_geometry(self._meta_teacher()))
+
+    def input_size(self) -> tuple[int, int]:
+        """(in_chans, img_size) the backbone takes: what the data must be resized to."""
+        embed = self._meta_teacher().patch_embed
+        first_conv = next((m for m in embed.modules() if isinstance(m, nn.Conv2d)), None)  # LV-ViT: a conv stem
+        in_chans = first_conv.in_channels if first_conv is not None else self.kwargs.get("in_chans", 3)
+        return int(in_chans), int(embed.img_size[0])
+
+    def pretrained_cfg(self) -> dict:
+        """timm's pretrained config of the backbone (mean/std, classifier name, its weights' class count)."""
+        return dict(getattr(self._meta_teacher(), "pretrained_cfg", None) or {})
+
+    def refusal(self, schedule) -> Optional[str]:
+        """Why `schedule` cannot run on this backbone (one line, sit_core.patch's reasons), or None."""
+        return refusal(self._meta_teacher(), as_schedule(schedule))
+
+    def _meta_teacher(self) -> nn.Module:
+        return _meta_teacher(self.backbone, json.dumps(self.kwargs, sort_keys=True, default=str))
 
     def with_schedule(self, schedule) -> "ModelSpec":
         return dataclasses.replace(self, schedule=as_schedule(schedule))
@@ -89,11 +121,31 @@ class Geometry(NamedTuple):
     embed_dim: int
 
 
-@functools.lru_cache(maxsize=64)
-def _geometry(backbone: str, kwargs_json: str) -> Geometry:
-    with torch.device("meta"):  # shapes only: a real DeiT-S build takes seconds on 2 cores
+@functools.lru_cache(maxsize=16)
+def _meta_teacher(backbone: str, kwargs_json: str) -> nn.Module:
+    """The plain backbone on the meta device (shapes only: a real DeiT-S build takes seconds on 2
+    cores), refused in one line if token slimming cannot serve its family."""
+    with torch.device("meta"):
         model = ModelSpec(backbone, json.loads(kwargs_json)).build_teacher(pretrained=False)
-    return Geometry(*model_geometry(model))
+    if getattr(model, "slim_schedule", None) is not None:
+        raise ValueError(f"{backbone} is already a slimmed model ({model.slim_schedule}): give its plain "
+                         "backbone (e.g. deit_small_patch16_224 for sit_deit_small) and a schedule")
+    why = refusal(model, SlimSchedule(reducer="none"))  # what the model IS (EVA, BEiT, not a ViT...)
+    if why:
+        raise ValueError(why)
+    return model
+
+
+def _kwargs_refusal(backbone: str, kwargs: dict, error: Exception) -> str:
+    """Why timm could not build `backbone` with `kwargs`: the family refusal if the model could never
+    be slimmed anyway (a ResNet given img_size), else the options it does not take."""
+    try:
+        with torch.device("meta"):
+            bare = timm.create_model(backbone, pretrained=False)
+        why = refusal(bare, SlimSchedule(reducer="none"))
+    except Exception:  # noqa: BLE001  (the bare build is only a better message; the original error stands)
+        why = None
+    return why or f"timm model {backbone} does not take the options {sorted(kwargs)}: {str(error).splitlines()[0]}"
 
 
 @dataclass
@@ -188,9 +240,24 @@ class DistillJob:
     loss: LossWeights = field(default_factory=LossWeights)
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
-    teacher_checkpoint: Optional[str] = None   # local file; None -> the shipped/cached/trained teacher
+    teacher_checkpoint: Optional[str] = None   # local weights file or teacher card; None -> see below
+    teacher_pretrained: Optional[str] = None   # "timm": timm's weights for model.backbone's tag (downloaded),
+                                               # or a local copy of them loaded through timm (pos-embed resized)
+    # none: the teacher is the checkpoint/pretrained weights as they are (or, with neither, the shipped,
+    # cached or trained-from-scratch teacher); head / all: fine-tune its head (or everything) on the
+    # data first with `teacher_train`, cached by `teacher_key()`
+    teacher_finetune: str = "none"
     teacher_train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, lr=1e-3))
     speed: SpeedSpec = field(default_factory=SpeedSpec)
+
+    def __post_init__(self):
+        if self.teacher_finetune not in FINETUNE_MODES:
+            raise ValueError(f"teacher_finetune={self.teacher_finetune!r} must be one of {', '.join(FINETUNE_MODES)}")
+        if self.teacher_checkpoint and self.teacher_pretrained:
+            raise ValueError("give the teacher's weights once: teacher_checkpoint or teacher_pretrained, not both")
+        if self.teacher_finetune != "none" and not (self.teacher_checkpoint or self.teacher_pretrained):
+            raise ValueError("fine-tuning the teacher needs its weights: a checkpoint (--teacher-checkpoint, "
+                             "--teacher-card) or timm's pretrained ones (--pretrained)")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -208,7 +275,8 @@ class DistillJob:
             _known(kind, value, key)
             built[key] = kind(**value)
         return cls(name=d.get("name", "candidate"), model=ModelSpec.from_dict(d["model"]),
-                   teacher_checkpoint=d.get("teacher_checkpoint"), **built)
+                   teacher_checkpoint=d.get("teacher_checkpoint"), teacher_pretrained=d.get("teacher_pretrained"),
+                   teacher_finetune=d.get("teacher_finetune", "none"), **built)
 
     def teacher_key(self) -> str:
         """Hash of what determines a project-trained teacher: architecture, data, recipe.
@@ -221,8 +289,21 @@ class DistillJob:
         # Evaluation-only subsets and distillation-only options do not change the teacher's weights.
         data = _non_default(self.data, skip=("val_subset", "test_subset"))
         train = _non_default(self.teacher_train, skip=("rtsm_lr_mult", "tsm_init"))
-        return stable_hash({"arch": {"backbone": self.model.backbone, "kwargs": self.model.kwargs},
-                            "data": data, "train": train})
+        key = {"arch": {"backbone": self.model.backbone, "kwargs": self.model.kwargs}, "data": data, "train": train}
+        if self.teacher_finetune != "none" or self.teacher_pretrained:
+            # the weights it starts from, by content: the same path holding new weights is another teacher
+            key["start"] = {"finetune": self.teacher_finetune, "weights": self.teacher_source()}
+        return stable_hash(key)
+
+    def teacher_source(self) -> Optional[dict]:
+        """Where the teacher's weights come from, by content (sha256 of the file; timm's tag)."""
+        if self.teacher_checkpoint:
+            return {"checkpoint": content_sha256(self.teacher_checkpoint)}
+        if self.teacher_pretrained == "timm":
+            return {"pretrained": self.model.backbone}
+        if self.teacher_pretrained:
+            return {"pretrained_file": content_sha256(self.teacher_pretrained)}
+        return None
 
 
 def override(job: DistillJob, changes: Mapping[str, Any]) -> DistillJob:
@@ -250,6 +331,20 @@ def override(job: DistillJob, changes: Mapping[str, Any]) -> DistillJob:
         else:
             node[leaf] = copy.deepcopy(value)
     return DistillJob.from_dict(d)
+
+
+def content_sha256(path: str) -> str:
+    """sha256 of a weights file, remembered per (path, size, mtime): big checkpoints are hashed once."""
+    try:
+        st = os.stat(os.path.expanduser(path))
+    except OSError as e:
+        raise ValueError(f"teacher weights {path}: {e.strerror}") from None
+    return _sha256_of(os.path.realpath(os.path.expanduser(path)), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def _known(kind, d: Mapping, where: str) -> None:

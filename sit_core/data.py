@@ -282,9 +282,34 @@ def folder_transforms(spec: DataSpec):
     mean, std = spec.norm()
     train_tf = create_transform(spec.img_size, is_training=spec.augment, mean=mean, std=std,
                                 **(DEIT_TRAIN_TRANSFORM if spec.augment else {"crop_pct": DEIT_CROP_PCT}))
+    _keep_zero_bits(train_tf)
     eval_tf = create_transform(spec.img_size, is_training=False, crop_pct=DEIT_CROP_PCT, interpolation="bicubic",
                                mean=mean, std=std)
     return train_tf, eval_tf
+
+
+def _keep_zero_bits(transform) -> None:
+    """DeiT's RandAugment ('inc1', magnitude noise mstd0.5) asks its posterize op to keep 0 bits at the
+    top magnitude: a black image in the TF reference and in older Pillow, a ValueError in Pillow 13
+    ('bits must be between or equal to 1 and 8'), which crashed ~0.16% of images, a batch of 64 in
+    ten, a whole ImageNet epoch for sure. The op gets the reference's answer back."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", ()):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize op, with 0 bits kept meaning a black image (as TF's `x >> 8 << 8`)."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return posterize(img, bits_to_keep, **kwargs)
 
 
 def _load_folder(spec: DataSpec) -> Splits:
@@ -321,13 +346,32 @@ def check_data(spec: DataSpec, num_classes: Optional[int] = None) -> tuple[str, 
     return classes
 
 
-def train_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False) -> DataLoader:
-    """Shuffled training batches. In-memory tensors need no loader workers; decoded images (JPEG
-    folders) get the worker's CPUs but one, kept alive across epochs and prefetching, so a GPU is fed."""
+def loader_workers(dataset: Dataset, cpus: float) -> int:
+    """DataLoader worker processes for `dataset` on `cpus` reserved CPUs: in-memory tensors need none;
+    decoded images (JPEG folders) get the CPUs but one (the training process keeps that one)."""
     in_memory = isinstance(getattr(dataset, "dataset", dataset), TensorImages)
-    workers = 0 if in_memory else max(0, int(cpus) - 1)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None, pin_memory=pin_memory)
+    return 0 if in_memory else max(0, int(cpus) - 1)
+
+
+def train_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False) -> DataLoader:
+    """Shuffled training batches, decoded by `loader_workers` processes kept alive across epochs and
+    each prefetching two batches (more would hold gigabytes of pinned host memory at batch 1024)."""
+    workers = loader_workers(dataset, cpus)
+    # full batches only, unless the (small, user's own) folder holds less than one: then one short batch,
+    # not an epoch of no steps at all
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+                      num_workers=workers, persistent_workers=workers > 0, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, cpus: float = 1, pin_memory: bool = False,
+                persistent: bool = False) -> DataLoader:
+    """Batches in order for scoring, decoded like `train_loader`'s; `persistent` keeps the workers
+    alive between epochs (validation runs every epoch, the test set once)."""
+    workers = loader_workers(dataset, cpus)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory)
 
 
 def load_splits(spec: DataSpec) -> Splits:

@@ -6,6 +6,7 @@ through `sit_core.config.override`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from .config import DistillJob, LossWeights, ModelSpec, SpeedSpec, TrainSpec, override
 from .data import DataSpec
@@ -44,14 +45,26 @@ _IMAGENET_SPEED = SpeedSpec(batch_size=64, warmup=10, iters=50)
 # Official drop-path per student (exp/*/train.sh): SiT-T 0.0, SiT-L 0.3, the others main.py's 0.1.
 # DeiT: 0.1 (DeiT's recipe), 0.0 for the tiny model (its capacity is the limit, not overfitting).
 _DROP_PATH = {"deit-tiny": 0.0, "lvvit-tiny": 0.0, "lvvit-large": 0.3}
+# Most images per forward on one GPU (gradients accumulate to the global 1024, so `--workers 1` keeps
+# the recipe): sized for a 24 GB A10G from an activation estimate (Korthikanti et al. 2022, mixed
+# precision: depth x tokens x width x (34 + 5 x heads x tokens / width) bytes per image): <= 12 GiB
+# at 128 for DeiT-T/S/B and LV-ViT-T..M; LV-ViT-L (288 px, 325 tokens, 24 blocks) needs ~340 MiB
+# per image, so 32. An estimate, not a measurement: lower it (--device-batch-cap) on an OOM.
+_DEVICE_BATCH_CAP = {"lvvit-large": 32}
+# Validation on 10,000 held-out training images (+-0.4% at 80% top-1) every epoch, not the 128k that
+# val_fraction holds out: the full set costs a tenth of an epoch's compute at every epoch.
+_VAL_SUBSET = 10_000
 
 
 def _imagenet(name: str, backbone: str, schedule: SlimSchedule, img_size: int = 224) -> DistillJob:
     job = DistillJob(name=name, model=ModelSpec(backbone, dict(num_classes=1000, img_size=img_size), schedule),
                      train=_IMAGENET_TRAIN,
-                     data=DataSpec(kind="folder", root="/data/imagenet", img_size=img_size, in_chans=3),
+                     data=DataSpec(kind="folder", root="/data/imagenet", img_size=img_size, in_chans=3,
+                                   val_subset=_VAL_SUBSET),
                      speed=_IMAGENET_SPEED)
-    return override(job, {"train.drop_path_rate": _DROP_PATH.get(name.removesuffix("-imagenet"), 0.1)})
+    short = name.removesuffix("-imagenet")
+    return override(job, {"train.drop_path_rate": _DROP_PATH.get(short, 0.1),
+                          "train.device_batch_cap": _DEVICE_BATCH_CAP.get(short, _IMAGENET_TRAIN.device_batch_cap)})
 
 
 for _size in ("tiny", "small", "base"):
@@ -88,4 +101,23 @@ def smoke(job: DistillJob) -> DistillJob:
         changes.update({"data.train_subset": 1024, "data.val_subset": 256, "data.test_subset": 256,
                         "model.kwargs.embed_dim": 48, "model.kwargs.depth": 4, "model.kwargs.num_heads": 2,
                         "model.schedule": "1,2@0.6"})
+    return override(job, changes)
+
+
+# Fine-tuning a trained teacher on the user's data (`--finetune-teacher`): a short cosine from a
+# fine-tuning lr, no warm-up and none of the from-scratch regularisers. A new head learns fast (1e-3);
+# the whole backbone takes a smaller step (1e-4, timm's fine-tuning scale at batch ~128).
+FINETUNE_LR = {"head": 1e-3, "all": 1e-4}
+
+
+def finetune(job: DistillJob, epochs: int, mode: str = "head") -> DistillJob:
+    """The job with its teacher fine-tuned first (`mode`: head | all) for `epochs`. A job that was not
+    fine-tuning gets the fine-tuning recipe (its teacher recipe trained from scratch); one that was
+    (a job file) keeps its recipe, with the new epochs and mode."""
+    changes = {"teacher_finetune": mode, "teacher_train.epochs": epochs}
+    if job.teacher_finetune == "none":
+        recipe = TrainSpec(epochs=epochs, batch_size=job.train.batch_size, lr=FINETUNE_LR[mode], min_lr=1e-6,
+                           weight_decay=0.05, label_smoothing=0.1, device_batch_cap=job.train.device_batch_cap,
+                           amp=job.train.amp, seed=job.train.seed)
+        changes = {"teacher_finetune": mode, "teacher_train": dataclasses.asdict(recipe)}
     return override(job, changes)

@@ -6,9 +6,11 @@ in; default schedules come from `sit_core.schedule.PAPER_SCHEDULES`. Keyword arg
 `positions`, `keep`, `reducer`, `fuse_dropped`, `r` override the default; every other keyword is
 timm's (`num_classes`, `img_size`, `drop_path_rate`, ...).
 
-`features_only=True` works as for timm's ViT (a `FeatureGetterNet` over `forward_intermediates`,
-by default the last 3 blocks): the model is slimmed first, then wrapped. Slimmed tokens are no
-longer a grid, so a slimmed model's features are token maps (B, n_tokens, C) (`output_fmt='NLC'`).
+`features_only=True` works as for timm's ViT (features of the last 3 blocks by default, `out_indices`
+to choose): the model is slimmed first, then wrapped. The features are (B, C, H, W) maps on the patch
+grid, reduction = patch size, as timm's own ViT gives: a slimmed model's tokens are spread back over
+the patch positions they stand for (`sit_core.features.GridFeatures`), so SiT backbones drop into
+detection and segmentation code written for timm's features.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from timm.models import register_model
 from timm.models._builder import pretrained_cfg_for_features  # what build_model_with_cfg sets on a features model
 from timm.models._features import FeatureGetterNet  # in _features.__all__, not re-exported by timm.models 1.0.31
 
+from .features import GridFeatures
 from .patch import apply_slimming
 from .schedule import PAPER_SCHEDULES, SlimSchedule, as_schedule
 
@@ -40,7 +43,8 @@ def create_slimmed(base_name: str, default: SlimSchedule, pretrained: bool = Fal
     if not features_only:
         return model
     cfg = model.pretrained_cfg
-    features = FeatureGetterNet(model, out_indices=out_indices, output_fmt="NCHW" if schedule.is_identity else "NLC")
+    features = (FeatureGetterNet(model, out_indices=out_indices) if schedule.is_identity
+                else GridFeatures(model, out_indices=out_indices))
     features.pretrained_cfg = features.default_cfg = pretrained_cfg_for_features(cfg)
     return features
 

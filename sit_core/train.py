@@ -51,9 +51,18 @@ class Task:
         return {k: v for k, v in self.net.state_dict().items() if not k.startswith("teacher.")}
 
 
-def teacher_task(job: DistillJob) -> Task:
-    """Train the plain backbone with cross-entropy."""
+def teacher_task(job: DistillJob, start_state: Optional[dict] = None) -> Task:
+    """Train the plain backbone with cross-entropy: from scratch, or fine-tune `start_state` (the
+    weights `teachers.start_weights` fitted to the backbone). `teacher_finetune == "head"` trains only
+    the classifier; the rest stays frozen (no gradients, no optimiser state)."""
     model = job.model.build_teacher(drop_path_rate=job.teacher_train.drop_path_rate)
+    if start_state is not None:
+        model.load_state_dict(start_state)
+    if job.teacher_finetune == "head":
+        heads = model.get_classifier()  # distilled DeiT: (head, head_dist)
+        head = {id(p) for h in (heads if isinstance(heads, tuple) else (heads,)) for p in h.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in head)
 
     def loss(logits, targets):
         total = F.cross_entropy(logits, targets)  # targets: class indices or probabilities
@@ -269,6 +278,19 @@ def local_trainer(job: DistillJob, teacher_state: dict, *, threads: Optional[int
     task = distill_task(job, teacher_state, splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
     return trainer, loader, splits
+
+
+def device_batches(recipe: TrainSpec, world: int) -> tuple[int, int]:
+    """(images per worker per optimiser step, most images per forward on one device).
+
+    The global batch is split exactly over the `world` workers, and each worker's share is cut into
+    forwards of at most `device_batch_cap` whose gradients `Trainer` sums: the recipe's global batch
+    holds for any number of workers, and `--workers 1` never puts 1024 images on one GPU at once."""
+    if recipe.batch_size % world:
+        raise ValueError(f"batch_size {recipe.batch_size} does not split evenly over {world} workers: "
+                         f"choose a worker count that divides it (or --batch-size)")
+    per_worker = recipe.batch_size // world
+    return per_worker, min(per_worker, recipe.device_batch_cap or per_worker)
 
 
 def steps_per_epoch(recipe: TrainSpec, batches: int) -> int:

@@ -3,6 +3,8 @@
     python sweeps/distill.py --smoke-test                                   # < 1 min on 2 cores
     python sweeps/distill.py --preset fmnist-cpu --schedule 2,4@0.5 --lambda-token 1
     python sweeps/distill.py --config my_job.yaml --lr 5e-4                 # a job file, a flag on top
+    python sweeps/distill.py --model deit3_small_patch16_224 --num-classes 37 --data pets \
+        --teacher-checkpoint my_deit3.pth --finetune-teacher 3 --schedule 3,6,9@0.7      # your own ViT
     python sweeps/distill.py --preset deit-small-imagenet --data /data/imagenet \\
         --teacher-checkpoint deit_small.pth --workers 8 --gpu --out /mnt/shared/runs   # on a cluster
 
@@ -30,7 +32,10 @@ def build_parser():
     p.add_argument("--schedule", help="slimming schedule 'POSITIONS@KEEP', e.g. 2,4@0.5 or 2,4@0.7,0.5; "
                                       "prefix 'drop:' or 'merge:' for the peers")
     p.add_argument("--reducer", choices=("tsm", "drop", "merge"), help="token reducer (default: tsm)")
-    p.add_argument("--out", default="runs", metavar="DIR", help="Ray results and checkpoints (default: ./runs)")
+    p.add_argument("--out", default="runs", metavar="DIR|URI", help="Ray results and checkpoints: a directory "
+                   "(shared by every node on a cluster) or an s3://, gs:// URI (default: ./runs)")
+    p.add_argument("--shared-out", action="store_true", help="confirm that every node of the cluster mounts the "
+                   "local --out directory (needed when the autoscaler can add nodes and --out is not a network mount)")
     p.add_argument("--name", help="run name; reuse it with the same --out to resume")
     p.add_argument("--max-failures", type=int, default=2, help="worker failures Ray recovers from (default: 2)")
     return p
@@ -52,17 +57,24 @@ def main(argv=None) -> int:
     if args.print_config:
         print(job_yaml(job), end="")
         return 0
+    from sweeps import storage
     from sweeps.runner import Session
     from sweeps.speed_probe import probe
 
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    out = storage.normalise(args.out)  # a directory, or an s3:// / gs:// URI Ray Train writes to
     t0 = time.time()
-    session = Session.start(job, storage=out, workers=args.workers, gpu=args.gpu,
-                            cpus_per_worker=args.cpus_per_worker, address=args.address)
+    try:
+        session = Session.start(job, storage=out, workers=args.workers, gpu=args.gpu,
+                                cpus_per_worker=args.cpus_per_worker, address=args.address,
+                                before_teacher=lambda cap: storage.check_shared_out(out, cap, confirmed=args.shared_out))
+    except ValueError as e:  # what only the running cluster can tell (a request it can never satisfy)
+        build_parser().exit(2, f"{os.path.basename(sys.argv[0])}: error: {e}\n")
     # a fresh run unless --name is reused: Ray Train resumes any run it finds under the same name
     name = args.name or f"distill-{job.model.schedule.reducer}-{job.model.architecture_key()}-{time.strftime('%Y%m%d-%H%M%S')}"
-    outcome = session.distill(job, name, max_failures=args.max_failures)
+    try:
+        outcome = session.distill(job, name, max_failures=args.max_failures)
+    finally:
+        session.release()
     if outcome.status != "ok":
         print(f"distillation stopped: {outcome.failure or outcome.status}", file=sys.stderr)
         return 1

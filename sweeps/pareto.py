@@ -3,6 +3,8 @@
     python sweeps/pareto.py                         # local: Fashion-MNIST preset, <= 10 min on 2 cores
     python sweeps/pareto.py --smoke-test            # a couple of minutes
     python sweeps/pareto.py --resume                # continue a killed sweep (same --out / --name)
+    python sweeps/pareto.py --model deit3_small_patch16_224 --num-classes 37 --data pets \
+        --teacher-checkpoint my_deit3.pth --finetune-teacher 3 --out runs/pets    # your own ViT and images
     ray job submit --working-dir . -- python sweeps/pareto.py --preset deit-small-imagenet \\
         --data /mnt/shared/imagenet --teacher-checkpoint /mnt/shared/deit_small.pth \\
         --workers 4 --gpu --out /mnt/shared/runs/deit-s --tracking-uri http://HEAD:5000   # on a cluster
@@ -18,8 +20,10 @@ advertises --latency-resource (e.g. inference_cpu, cluster.yaml's serving node).
 to maximising validation top-1 and minimising latency; trials over --max-latency-ms or under
 --min-top1 are infeasible and never on the front. Each trial is a nested MLflow run under the
 sweep's parent run, live while it trains; the front is exported as cards (sit_core.load_card
-rebuilds the model). Limits: on a multi-node cluster --out must be shared storage and
---tracking-uri a server.
+rebuilds the model). On a cluster, trials are sized from what its autoscaler can add (and asked of
+it at once); --out must be storage every node sees (a shared mount or an s3://, gs:// URI: a local
+directory is refused unless verified or confirmed with --shared-out), and SQLite stores stay on the
+driver's local disk.
 """
 from __future__ import annotations
 
@@ -27,14 +31,15 @@ import dataclasses
 import os
 import re
 import sys
-from pathlib import Path
 from typing import Optional
 
 if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from search_spaces import SearchSpace
 from sit_core.config import DistillJob
 from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
+from sweeps import storage
 from sweeps.pareto_front import Constraints
 
 DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
@@ -61,10 +66,18 @@ def parse_objectives(text: str) -> dict:
 def build_parser():
     p = doc_parser(__doc__)
     add_job_arguments(p)
-    p.add_argument("--out", default="runs/pareto", metavar="DIR", help="tables, plots, cards, MLflow and Ray "
-                   "results (default: %(default)s)")
+    p.add_argument("--out", default="runs/pareto", metavar="DIR|URI", help="tables, plots, cards, MLflow and Ray "
+                   "results: a directory (shared by every node on a cluster) or an s3://, gs:// URI "
+                   "(default: %(default)s)")
+    p.add_argument("--shared-out", action="store_true", help="confirm that every node of the cluster mounts the "
+                   "local --out directory (needed when the autoscaler can add nodes and --out is not a network mount)")
+    p.add_argument("--optuna-storage", metavar="URL", help="Optuna study database (default: SQLite on the driver's "
+                   "local disk: in --out when it is local, else in the cache; never on NFS/EFS)")
+    p.add_argument("--cluster-config", metavar="YAML", help="the autoscaler's cluster config, to size trials from "
+                   "what the cluster can hold (default: ~/ray_bootstrap_config.yaml when `ray up` left it here)")
     p.add_argument("--trials", type=positive_int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")
-    p.add_argument("--concurrent", type=positive_int, help="trials at once (default: fitted to the cluster)")
+    p.add_argument("--concurrent", type=positive_int, help="trials at once (default: what the cluster can hold, "
+                   "its autoscaler's node types included)")
     p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"),
                    help="Optuna multi-objective sampler (default: %(default)s)")
     p.add_argument("--objectives", default="top1:max,latency_ms:min",
@@ -99,7 +112,7 @@ class Plan:
     out: str
     tracking_uri: str
     trials: int
-    concurrent: int
+    concurrent: Optional[int]      # None: what the cluster can hold (decided once Ray runs)
     sampler: str
     objectives: dict
     reducers: tuple
@@ -112,18 +125,22 @@ class Plan:
     gpu: bool
     cpus_per_worker: Optional[float]
     address: Optional[str]
-    latency: str = "model"                    # model | measure (see --latency)
+    latency: str = "model"         # model | measure (see --latency)
     latency_resource: Optional[str] = None
     latency_table_dir: Optional[str] = None
-    smoke: bool = False                       # a short table protocol: mechanics, not numbers
+    smoke: bool = False            # a short latency-table protocol: mechanics, not numbers
+    local_dir: str = ""            # the driver's local files (SQLite, tables, cards), published to `out`
+    optuna_url: Optional[str] = None
+    shared_out: bool = False
+    cluster_config: Optional[str] = None
 
     @property
     def storage(self) -> str:
-        return os.path.join(self.out, "ray")
+        return storage.join(self.out, "ray")
 
     @property
     def optuna_storage(self) -> str:
-        return f"sqlite:///{os.path.join(self.out, 'optuna.db')}"
+        return self.optuna_url or f"sqlite:///{os.path.join(self.local_dir, 'optuna.db')}"
 
     @property
     def max_latency_ms(self):
@@ -148,6 +165,7 @@ def make_plan(args) -> Plan:
     if args.print_config:
         return Plan(job, "", "", "", 0, 1, "", {}, (), Constraints(), False, False, "", 0, 1, False, None, None)
     validate_job(job)
+    SearchSpace.for_job(job, reducers=_reducers(args.reducers))  # every reducer must serve the model
     trials = args.trials or (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
     if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
@@ -157,15 +175,17 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
     if args.latency_resource is not None and not args.latency_resource.strip():
         raise ValueError("--latency-resource needs the name of a Ray resource, e.g. inference_cpu")
+    table_dir = storage.local_path(args.latency_table_dir) if args.latency_table_dir else None
+    if args.latency_table_dir and table_dir is None:
+        raise ValueError(f"--latency-table-dir {args.latency_table_dir}: a directory every node mounts (e.g. "
+                         "/mnt/shared/latency-tables), not a URI: the serving node reads and writes it as files")
     local = args.address is None and not os.environ.get("RAY_ADDRESS")
     if job.speed.device == "cuda" and args.latency_resource is None and local:
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--speed-device cuda: this machine has no CUDA device (on a cluster, pass --address "
                              "or --latency-resource of a GPU node)")
-    reducers = tuple(r.strip() for r in args.reducers.split(",") if r.strip())
-    if not reducers or any(r not in REDUCERS for r in reducers):
-        raise ValueError(f"--reducers {args.reducers!r}: choose from {', '.join(REDUCERS)}")
+    reducers = _reducers(args.reducers)
     if args.export not in ("front", "knee") and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
     if args.export.startswith("budget:"):
@@ -175,33 +195,38 @@ def make_plan(args) -> Plan:
             budget = float("nan")
         if not budget > 0:
             raise ValueError(f"--export {args.export!r}: the budget must be a latency in ms > 0, e.g. budget:12.5")
-    out = os.path.abspath(args.out)
-    name = args.name or f"pareto-{args.preset}{'-smoke' if args.smoke_test else ''}"
+    out = storage.normalise(args.out)
+    name = args.name or f"pareto-{job.name}{'-smoke' if args.smoke_test else ''}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         # it names a directory, a Tune experiment and an MLflow tag matched in filters (no quotes)
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
-    sweep_dir = Path(out, "ray", name)
-    if args.resume and not sweep_dir.exists():
+    found = storage.exists(storage.join(out, "ray", name))
+    if args.resume and not found:
         raise ValueError(f"nothing to resume: no sweep {name!r} in {out}")
-    if not args.resume and sweep_dir.exists():
+    if not args.resume and found:
         raise ValueError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, "
                          "or choose another --name/--out")
-    return Plan(job=job, name=name, out=out, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri, out),
-                trials=trials, concurrent=args.concurrent or _default_concurrency(args.gpu), sampler=args.sampler,
+    optuna_url = storage.check_sqlite_url(args.optuna_storage) if args.optuna_storage else None
+    if args.cluster_config and not os.path.isfile(os.path.expanduser(args.cluster_config)):
+        raise ValueError(f"--cluster-config {args.cluster_config} does not exist")
+    local_dir = storage.staging_dir(out, name)
+    return Plan(job=job, name=name, out=out, tracking_uri=tracking.resolve_tracking_uri(args.tracking_uri, local_dir),
+                trials=trials, concurrent=args.concurrent, sampler=args.sampler,
                 objectives=parse_objectives(args.objectives), reducers=reducers,
                 constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
                 cpus_per_worker=args.cpus_per_worker, address=args.address, latency=args.latency,
                 latency_resource=args.latency_resource, smoke=args.smoke_test,
-                latency_table_dir=os.path.abspath(args.latency_table_dir) if args.latency_table_dir else None)
+                latency_table_dir=os.path.abspath(os.path.expanduser(table_dir)) if table_dir else None,
+                local_dir=local_dir, optuna_url=optuna_url, shared_out=args.shared_out,
+                cluster_config=args.cluster_config)
 
 
-def _default_concurrency(gpu: bool) -> int:
-    """Before Ray starts: this machine's cores (CPU trials of one core each, up to 4) or GPUs."""
-    if gpu:
-        import torch
-        return max(1, torch.cuda.device_count())
-    return max(1, min(4, os.cpu_count() or 1))
+def _reducers(text: str) -> tuple:
+    reducers = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not reducers or any(r not in REDUCERS for r in reducers):
+        raise ValueError(f"--reducers {text!r}: choose from {', '.join(REDUCERS)}")
+    return reducers
 
 
 def main(argv=None) -> int:

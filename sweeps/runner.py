@@ -1,13 +1,16 @@
 """Orchestration every command shares: start or join Ray, size the workers, get the teacher into
 the object store, and run one distillation on a `TorchTrainer`.
 
-    session = Session.start(job, out="runs/x", workers=1)          # Ray up, teacher ready
-    outcome = session.distill(job, run_name="tsm-2,4@0.5")         # Ray Train, DDP
+    session = Session.start(job, storage="/abs/runs/x", workers=1)  # Ray up, trials shaped, teacher ready
+    outcome = session.distill(job, run_name="tsm-2,4@0.5")          # Ray Train, DDP
+    session.release()                                               # the autoscaler request back
 """
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,11 +19,14 @@ from typing import Callable, Optional
 
 import ray
 import ray.train
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from sit_core import teachers
 from sit_core.config import DistillJob
+from sit_core.train import device_batches
 
+from . import cluster
+from .cluster import Workers  # noqa: F401  (re-exported: trials and tests import it from here)
 from .train_loop import MODEL_FILE, train_func
 
 KEEP_CHECKPOINTS = 2  # the newest two: resume needs one, a crash while writing it leaves the other
@@ -55,38 +61,13 @@ def cluster_summary() -> str:
     return f"{len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
 
 
-@dataclass
-class Workers:
-    """How one distillation is spread: Ray Train workers, each one DDP replica."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-
-    def scaling(self) -> ray.train.ScalingConfig:
-        resources = {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
-        return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                                       resources_per_worker=resources)
-
-    def torch_config(self) -> TorchConfig:
-        return TorchConfig(backend="nccl" if self.use_gpu else "gloo")
-
-
-def size_workers(num_workers: int, gpu: bool, cpus_per_worker: Optional[float], *, concurrent: int = 1,
-                 trial_cpu: float = 0.0) -> Workers:
-    """Workers such that `concurrent` runs of `num_workers` (plus `trial_cpu` each) fit the cluster.
-
-    CPU runs share the cluster's CPUs evenly (fractional reservations: a trial holding 1 CPU while
-    its workers ask for 1 each never starts on a 2-core node). Raises ValueError if they cannot fit.
-    """
-    cpus = ray.cluster_resources().get("CPU", 1)
-    if gpu:
-        return Workers(num_workers, True, cpus_per_worker or 1.0)
-    per_worker = cpus_per_worker or round((cpus / concurrent - trial_cpu) / num_workers * 0.95, 3)
-    if per_worker <= 0 or concurrent * (trial_cpu + num_workers * per_worker) > cpus + 1e-9:
-        raise ValueError(f"{concurrent} run(s) x ({trial_cpu:g} + {num_workers} x {per_worker:g} CPU) exceed the "
-                         f"cluster's {cpus:g} CPUs: lower --concurrent, --workers or --cpus-per-worker")
-    return Workers(num_workers, False, per_worker)
+def size_workers(num_workers: int, gpu: bool, cpus_per_worker: Optional[float], *, concurrent: Optional[int] = None,
+                 trial_cpu: float = 0.0, cluster_config: Optional[str] = None) -> Workers:
+    """Workers such that `concurrent` runs of `num_workers` (plus `trial_cpu` each) fit the cluster
+    (see `cluster.shape_trials`). Raises ClusterError (a ValueError) if they cannot fit."""
+    cap = cluster.read_capacity(cluster_config)
+    return cluster.shape_trials(cap, num_workers=num_workers, gpu=gpu, cpus_per_worker=cpus_per_worker,
+                                concurrent=concurrent or 1, trial_cpu=trial_cpu).workers
 
 
 @dataclass
@@ -112,7 +93,8 @@ def fit(job: DistillJob, *, mode: str, teacher=None, workers: Workers, storage_p
         scaling_config=workers.scaling(),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage_path, callbacks=list(callbacks),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            # a drained (preempted) spot node is not a failure: Ray Train retries those without limit
+            failure_config=ray.train.FailureConfig(max_failures=max_failures, max_preemption_failures=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
@@ -141,32 +123,60 @@ def _first_line_of_cause(error: Exception) -> str:
 
 @dataclass
 class Session:
-    """Ray started, workers sized, the teacher's weights in the object store: what every command needs."""
+    """Ray started, trials shaped to the cluster (and asked of its autoscaler), the teacher's weights in
+    the object store: what every command needs. `release()` gives the autoscaler request back."""
 
     workers: Workers
     storage: str                        # Ray Train/Tune storage (shared storage on a cluster)
     teacher: teachers.TeacherRecord
     teacher_ref: ray.ObjectRef
+    shape: cluster.TrialShape
+    capacity: cluster.Capacity
 
     @classmethod
     def start(cls, job: DistillJob, *, storage: str, workers: int = 1, gpu: bool = False,
-              cpus_per_worker: Optional[float] = None, concurrent: int = 1, trial_cpu: float = 0.0,
-              address: Optional[str] = None, log: Callable[[str], None] = print) -> "Session":
+              cpus_per_worker: Optional[float] = None, concurrent: Optional[int] = 1, trial_cpu: float = 0.0,
+              trials: Optional[int] = None, address: Optional[str] = None, cluster_config: Optional[str] = None,
+              before_teacher: Callable[[cluster.Capacity], None] = lambda cap: None,
+              log: Callable[[str], None] = print) -> "Session":
+        device_batches(job.train, workers)  # a batch that does not split over the workers: one line, now
         log(init_ray(address))
-        sized = size_workers(workers, gpu, cpus_per_worker, concurrent=concurrent, trial_cpu=trial_cpu)
-        teacher = ensure_teacher(job, workers=size_workers(workers, gpu, cpus_per_worker), storage=storage, log=log)
-        return cls(sized, storage, teacher, ray.put(teachers.load_state(job, teacher.path)))
+        cap = cluster.read_capacity(cluster_config)
+        kwargs = dict(num_workers=workers, gpu=gpu, cpus_per_worker=cpus_per_worker, trial_cpu=trial_cpu)
+        shape = cluster.shape_trials(cap, concurrent=concurrent, trials=trials, **kwargs)
+        one = cluster.shape_trials(cap, concurrent=1, **{**kwargs, "trial_cpu": 0.0})  # the teacher's run
+        before_teacher(cap)  # the caller's checks that need the cluster (shared --out), before anything runs
+        if shape.note:
+            log(shape.note)
+        requested = cluster.request(shape, cap)
+        if requested:
+            log(f"asked the autoscaler for {len(requested)} bundle(s): {shape.describe()} ({cap.describe()})")
+        try:
+            teacher = ensure_teacher(job, workers=one.workers, storage=storage, log=log)
+            teacher_ref = ray.put(teachers.teacher_state(job, teacher))
+        except BaseException:
+            cluster.release(cap)
+            raise
+        return cls(shape.workers, storage, teacher, teacher_ref, shape, cap)
 
     def distill(self, job: DistillJob, run_name: str, **kwargs) -> Outcome:
         return fit(job, mode="distill", teacher=self.teacher_ref, workers=self.workers, storage_path=self.storage,
                    run_name=run_name, **kwargs)
 
+    def release(self) -> None:
+        cluster.release(self.capacity)
+
 
 def ensure_teacher(job: DistillJob, *, workers: Workers, storage: str, log=print) -> teachers.TeacherRecord:
-    """The teacher's weights: the job's checkpoint file, a shipped or cached one, or trained now and cached."""
-    if job.teacher_checkpoint:
+    """The teacher's weights: the job's checkpoint file or timm's pretrained weights as they are, or a
+    shipped or cached teacher trained (or fine-tuned from those weights) for this job, else trained
+    (fine-tuned) now and cached."""
+    if job.teacher_finetune == "none" and job.teacher_checkpoint:
         teachers.load_state(job, job.teacher_checkpoint)  # fail now, before any worker starts
         return teachers.TeacherRecord(Path(job.teacher_checkpoint), job.teacher_key(), {}, "checkpoint", {})
+    if job.teacher_finetune == "none" and job.teacher_pretrained:  # loaded (and checked) by the caller
+        path = None if job.teacher_pretrained == "timm" else Path(job.teacher_pretrained)
+        return teachers.TeacherRecord(path, job.teacher_key(), {}, "pretrained", {})
     found = teachers.find(job)
     if found is not None:
         log(f"teacher: {found.source} {found.path} (config {found.key}, val top-1 "
@@ -178,10 +188,18 @@ def ensure_teacher(job: DistillJob, *, workers: Workers, storage: str, log=print
 def train_teacher(job: DistillJob, *, workers: Workers, storage: str, dest: Path, log=print,
                   **record) -> teachers.TeacherRecord:
     recipe = job.teacher_train
-    log(f"teacher: training {job.model.backbone} for {recipe.epochs} epoch(s) (config {job.teacher_key()}); "
+    start, what = None, "training"
+    if job.teacher_finetune != "none":  # fine-tune the user's weights (a fresh head if the classes differ)
+        weights = teachers.start_weights(job)
+        start, what = ray.put(weights.state), f"fine-tuning ({job.teacher_finetune}) {weights.source}:"
+        started = {"finetune": job.teacher_finetune, "source": weights.source, "weights": job.teacher_source(),
+                   "head_trained": weights.head_trained, "head_classes": weights.head_classes}
+        record = {"command": shlex.join(["python", *sys.argv]), "start": started, **record}
+    log(f"teacher: {what} {job.model.backbone} for {recipe.epochs} epoch(s) (config {job.teacher_key()}); "
         f"it is cached in {dest.parent} for the next runs")
     t0 = time.time()
-    out = fit(job, mode="teacher", workers=workers, storage_path=storage, run_name=f"teacher-{job.teacher_key()}")
+    out = fit(job, mode="teacher", teacher=start, workers=workers, storage_path=storage,
+              run_name=f"teacher-{job.teacher_key()}")
     if out.status != "ok" or out.model_path is None:
         raise RuntimeError(f"teacher training failed: {out.failure or out.status}")
     import torch

@@ -74,14 +74,17 @@ class ServingTarget:
 
     @classmethod
     def locate(cls, speed: SpeedSpec, resource: Optional[str] = None, *, trains_on_gpu: bool = False,
-               wait_s: float = WAIT_S, log: Callable[[str], None] = print) -> "ServingTarget":
+               cluster_nodes: int = 0, wait_s: float = WAIT_S,
+               log: Callable[[str], None] = print) -> "ServingTarget":
         """Find the serving node (Ray must be initialised). Raises ValueError, one line, where the
-        request is ambiguous or nothing in the cluster serves it within `wait_s`."""
+        request is ambiguous or nothing in the cluster serves it within `wait_s`. `cluster_nodes`: the
+        most nodes the cluster can have (an autoscaler's config), when more than are alive now."""
         here = _here()
         if resource is None and speed.device == "cpu":
             nodes = [n for n in ray.nodes() if n["Alive"]]
-            if len(nodes) > 1:
-                raise ValueError(f"this Ray cluster has {len(nodes)} nodes: say which one serves the model with "
+            if max(len(nodes), cluster_nodes) > 1:
+                many = f"{len(nodes)} nodes" if len(nodes) > 1 else f"up to {cluster_nodes} nodes (autoscaling)"
+                raise ValueError(f"this Ray cluster has {many}: say which one serves the model with "
                                  "--latency-resource NAME (a resource of the serving node type, e.g. inference_cpu "
                                  "in cluster.yaml; node:<ip> for one node)")
             if trains_on_gpu and not any(n["Resources"].get("GPU") for n in nodes if n["NodeID"] == here):

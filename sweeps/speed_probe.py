@@ -6,9 +6,9 @@ that a trial calls once before it trains:
     table (`sit_core.latency`, built once per sweep on the serving node). No timing, no lock: a
     search on a busy node is not disturbed and does not disturb.
   * `Prober` (`--latency measure`): times the candidate end to end on the serving node (a Ray task,
-    `serving.ServingTarget`), interleaved with its teacher (SPEC: a model against its own baseline,
-    same process), holding that node's `NodeLock` exclusively so no training step of a trial on the
-    node runs meanwhile. Cached on disk by (architecture, protocol, device): weights do not change
+    `serving.ServingTarget`), interleaved with its teacher (docs/method.md "Measuring speed
+    honestly": a model against its own baseline, same process), holding that node's `NodeLock`
+    exclusively so no training step of a trial on the node runs meanwhile. Cached on disk by (architecture, protocol, device): weights do not change
     speed, so identical architectures are measured once per sweep.
 Either way the front is confirmed end to end at the end of the sweep (`sweep.confirm_front`).
 """

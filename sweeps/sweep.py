@@ -1,17 +1,21 @@
 """The sweep itself (called by `pareto.py` once its plan is validated): the serving node and the
-latency table, the Tuner with the Optuna searcher and MLflow logging, then the one trial table, the
-front confirmed by end-to-end measurement, plots, MLflow summary and cards."""
+latency table, the Tuner with the Optuna searcher and MLflow logging (each finished trial's model
+and card logged to its run), then the one trial table, the front confirmed by end-to-end
+measurement, plots, MLflow summary, registered picks, cards and the links to open."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import optuna
 import pandas as pd
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 
 from ray import tune
 
@@ -19,37 +23,67 @@ from search_spaces import SearchSpace, apply_point, warm_starts
 from sit_core import latency
 from sit_core.files import atomic_write_text
 
-from . import pareto_front, results, tracking
-from .export import export_cards, pick_rows
+from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
+from .export import export_cards, pick_rows, register
 from .optuna_search import ParetoOptunaSearch, make_sampler
-from .runner import Session, init_ray
+from .runner import Session
 from .serving import ServingTarget
 from .speed_probe import LatencyModel, Prober
+from .train_loop import MODEL_FILE
 from .trial import TRIAL_CPU, SweepContext, run_trial
-from .trial_logger import TrialRunLogger
+from .trial_logger import PACKAGE_ERROR_TAG, TrialRunLogger
+from .trial_model import TrialPackager
 
 EXPERIMENT = "sit-pareto"
 NEAR_FRONT = 0.05  # trials within 5% of the front are confirmed too: a prediction that far off could reorder them
+# shown when hovering a trial in pareto.html (those the table has)
+HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
+              "speedup_measured", "gmacs", "speedup", "status", "feasible", "run_id")
+# What the driver writes locally (storage.staging_dir) and publishes to --out.
+PUBLISHED = ("sweep.json", "pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "cards", "optuna.db",
+             "mlflow.db")
 
 
 def run_sweep(plan) -> int:
     t0 = time.time()
     job = plan.job
     in_process = plan.workers == 1
-    print(init_ray(plan.address))
-    # where latency is timed: found (and refused, if ambiguous) before a teacher trains or a file is written
-    serving = ServingTarget.locate(job.speed, plan.latency_resource, trains_on_gpu=plan.gpu)
+    found = []
+
+    def before_teacher(cap) -> None:
+        storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out)
+        # where latency is timed: found (and refused, if ambiguous) before a teacher trains or a file is written
+        nodes = sum(n for _, n in cap.counts()) if cap.autoscaling else cap.alive
+        found.append(ServingTarget.locate(job.speed, plan.latency_resource, trains_on_gpu=plan.gpu,
+                                          cluster_nodes=nodes))
+
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
-                            trial_cpu=0.0 if in_process else TRIAL_CPU, address=plan.address)
-    os.makedirs(plan.out, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
-    concurrent, workers = plan.concurrent, session.workers
+                            trial_cpu=0.0 if in_process else TRIAL_CPU, trials=plan.trials, address=plan.address,
+                            cluster_config=plan.cluster_config, before_teacher=before_teacher)
+    try:
+        return _run(plan, session, found[0], t0)
+    finally:
+        session.release()  # the autoscaler may give the nodes back
+
+
+def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
+    job = plan.job
+    in_process = plan.workers == 1
+    os.makedirs(plan.local_dir, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
+    if plan.resume:
+        restored = storage.restore_missing(plan.out, plan.local_dir)
+        if restored:
+            print(f"restored {', '.join(restored)} from {plan.out} into {plan.local_dir}")
+    concurrent, workers = session.shape.concurrent, session.workers
     trial_resources = ({"CPU": workers.cpus_per_worker, **({"GPU": 1} if workers.use_gpu else {})} if in_process
                        else {"CPU": TRIAL_CPU})
     print(f"sweep {plan.name}: {plan.trials} trials, {concurrent} at a time, "
           f"{'in the trial process' if in_process else f'{workers.num_workers} Ray Train workers each'} "
           f"({'GPU' if workers.use_gpu else f'{workers.cpus_per_worker:g} CPU'}), sampler {plan.sampler}, "
           f"objectives {plan.objectives}")
+    if plan.local_dir != plan.out:
+        print(f"local files in {plan.local_dir}, published to {plan.out}")
 
     print(f"latency ({plan.latency}) on {serving.describe()}")
     if plan.latency == "model":
@@ -58,7 +92,7 @@ def run_sweep(plan) -> int:
         print(f"{table.describe()}; {table.path}")
         oracle = LatencyModel(table)
     else:
-        oracle = Prober(serving, cache_dir=os.path.join(plan.out, "speed_cache"))
+        oracle = Prober(serving, cache_dir=os.path.join(plan.local_dir, "speed_cache"))
     teacher_speed = oracle(job.model.teacher())
     print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch ({'predicted' if plan.latency == 'model' else 'measured'}), "
           f"{teacher_speed['gmacs']:.4f} GMACs")
@@ -67,36 +101,97 @@ def run_sweep(plan) -> int:
     record = plan.record()  # what a later export needs: written beside the runs and into MLflow
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name, params={
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
-    sweep_json = Path(plan.out, "sweep.json")
-    atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
-    tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+    with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING
+        sweep_json = Path(plan.local_dir, "sweep.json")
+        atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
+        tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
+        storage.publish(plan.local_dir, plan.out, ["sweep.json"])  # what export and resume read first
 
-    ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
-                       latency=oracle, teacher=[session.teacher_ref], probe_lock=oracle.mode == "measure")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
-    logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label)
-    grid = _tuner(plan, job, trainable, concurrent, logger).fit()
-    trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
-    table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
+        ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
+                           latency=oracle, teacher=[session.teacher_ref], probe_lock=oracle.mode == "measure")
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
+        mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
+        package = TrialPackager(job, plan.tracking_uri, mlflow_info)
+        logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package)
+        tuner = _tuner(plan, job, trainable, concurrent, logger, session.shape.retries)
+        cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
+        views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
+        print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
+        grid = tuner.fit()
+        trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
+        table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
+        _package_missing(table, package, plan.tracking_uri)
+        try:
+            table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
+        except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
+            summarise(plan, table, teacher_speed, session, parent)
+            tracking.end_parent_run(plan.tracking_uri, parent, "FAILED")
+            storage.publish(plan.local_dir, plan.out, PUBLISHED)  # --resume starts from these
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            print(f"\nconfirming the front failed ({type(e).__name__}: {last}): the trial table above holds the "
+                  "search's latency only and no card was exported; run the same command with --resume to confirm "
+                  "again (finished trials are not rerun)", file=sys.stderr)
+            return 1
+        log_confirmation(plan.tracking_uri, parent, table, serving)
+        summary = summarise(plan, table, teacher_speed, session, parent)
+        picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
+        registry = _register(plan, table, picked)
+        cards = export_cards(picked, os.path.join(plan.local_dir, "cards"), job, mlflow_info, registry=registry)
+        cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["search_reference"],
+                             note=_note(plan, summary, views))
+        tracking.end_parent_run(plan.tracking_uri, parent)
+        published = storage.publish(plan.local_dir, plan.out, PUBLISHED)
+        if published:
+            print(f"published {', '.join(published)} to {plan.out}")
+        print(f"\ncards ({len(cards)}) written to {storage.join(plan.out, 'cards')}")
+        if registry:
+            aliases = sorted(a for info in registry.values() for a in info["aliases"])
+            print(f"registered in MLflow as {plan.name!r} ({len(registry)} versions), aliases {', '.join(aliases)}: "
+                  f"sit_core.load_card('models:/{plan.name}@knee')")
+        print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}\n"
+              f"  Pareto-optimal trials: {views['pareto']}\n  all trials: {views['trials']}\n"
+              f"  interactive Pareto plot: {views['plot']}\n  the sweep (plots, tables): {views['parent']}")
+        print(f"Optuna's dashboard: {cockpit.dashboard_command(plan.optuna_storage)}\n"
+              f"  the sweep's study: {cockpit.dashboard_url(plan.optuna_storage, plan.name)}")
+        print(f"sweep finished in {time.time() - t0:.0f}s")
+        return 0
+
+
+def _register(plan, table: pd.DataFrame, picked: pd.DataFrame) -> dict:
+    """The picks in MLflow's Model Registry; a registry that refuses them costs the aliases, not the cards."""
+    if not len(picked):
+        return {}
     try:
-        table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
-    except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
-        summarise(plan, table, teacher_speed, session, parent)
-        tracking.end_parent_run(plan.tracking_uri, parent, "FAILED")
-        print(f"\nconfirming the front failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})"
-              f": the trial table above holds the search's latency only and no card was exported; run the same "
-              f"command with --resume to confirm again (finished trials are not rerun)", file=sys.stderr)
-        return 1
-    log_confirmation(plan.tracking_uri, parent, table, serving)
-    summary = summarise(plan, table, teacher_speed, session, parent)
-    picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
-    cards = export_cards(picked, os.path.join(plan.out, "cards"), job, mlflow_info={
-        "tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent})
-    tracking.end_parent_run(plan.tracking_uri, parent)
-    print(f"\ncards ({len(cards)}) written to {os.path.join(plan.out, 'cards')}")
-    print(f"compare the runs in MLflow: {tracking.mlflow_ui_command(plan.tracking_uri)}")
-    print(f"sweep finished in {time.time() - t0:.0f}s")
-    return 0
+        return register(table, picked, plan.export, plan.objectives, tracking_uri=plan.tracking_uri, name=plan.name)
+    except (MlflowException, LookupError) as e:
+        print(f"warning: the picks were not registered in MLflow ({e}); the cards are written all the same")
+        return {}
+
+
+def _package_missing(table: pd.DataFrame, package: TrialPackager, tracking_uri: str) -> None:
+    """Log the model and card of finished trials that have none (their driver was killed between
+    training and packaging, or packaging failed): a resumed sweep loses nothing."""
+    client = tracking.MlflowClient(tracking_uri)
+    for _, row in table[table["status"].eq("ok") & table["run_id"].notna() & table["checkpoint"].notna()].iterrows():
+        if mlflow_models.logged_model(tracking_uri, row["run_id"]) is not None:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # a checkpoint in object storage comes here first
+            storage.fetch(storage.join(row["checkpoint"], MODEL_FILE), os.path.join(tmp, MODEL_FILE))
+            local = storage.local_path(row["checkpoint"]) or tmp
+            tags = package(row["run_id"], row["config"], int(row["trial_number"]), row.to_dict(), local)
+        for key, value in tags.items():
+            client.set_tag(row["run_id"], key, value)
+        if PACKAGE_ERROR_TAG in client.get_run(row["run_id"]).data.tags:  # packaged now
+            client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
+
+
+def _note(plan, summary: dict, views: Mapping) -> str:
+    return (f"## SiT Pareto sweep `{plan.name}`\n\n"
+            f"Objectives {plan.objectives}; {summary['n_pareto']} Pareto-optimal of {summary['n_trials']} trials; "
+            f"hypervolume {summary['hypervolume']:.4g} against the reference point {summary['reference']} "
+            "(chance accuracy, the teacher's cost). Infeasible trials never count.\n\n"
+            f"MLflow (with `mlflow ui` running): [Pareto-optimal trials]({views['pareto']}), "
+            f"[all trials]({views['trials']}), [the sweep]({views['parent']}).\n")
 
 
 def _trials(grid, children: pd.DataFrame) -> dict:
@@ -116,11 +211,11 @@ def _trials(grid, children: pd.DataFrame) -> dict:
         tid = (r.metrics or {}).get("trial_id") or by_config.get(json.dumps(r.config, sort_keys=True))
         if tid in trials:
             trials[tid].update(error=str(r.error) if r.error else None,
-                               checkpoint=r.checkpoint.path if r.checkpoint else None)
+                               checkpoint=storage.checkpoint_location(r.checkpoint))
     return trials
 
 
-def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tune.Tuner:
+def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger, retries: int = 0) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
         print(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
@@ -137,7 +232,9 @@ def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger) -> tun
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.trials, max_concurrent_trials=concurrent,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                  # preempted (drained) nodes are never counted: `retries` covers spot
+                                  # nodes reclaimed without notice (cluster.SPOT_TRIAL_RETRIES)
+                                  failure_config=tune.FailureConfig(max_failures=retries, fail_fast=False),
                                   # the newest two: resume needs one, a kill while writing it leaves the other
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
@@ -198,36 +295,46 @@ def _plain(value):
 
 
 def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -> dict:
-    """Write the table, plot and hypervolume history; tag MLflow; print the front. Latency is the
-    measured one where the front was confirmed (and the teacher's is the one measured beside it)."""
+    """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front.
+    Latency is the measured one where the front was confirmed (and the teacher's is the one measured
+    beside it); the returned `search_reference` is in the search's own terms (Optuna's study)."""
     confirmed = results.MEASURED in table and table[results.MEASURED].notna().any()
     latency_col = results.MEASURED if confirmed else "latency_ms"
     objectives = {(latency_col if c == "latency_ms" else c): d for c, d in plan.objectives.items()}
-    reference = results.reference_point(plan.objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
+    num_classes = plan.job.model.kwargs.get("num_classes", 1000)
+    search_reference = results.reference_point(plan.objectives, {
+        **teacher_speed, "latency_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"])}, num_classes)
+    reference = results.reference_point(plan.objectives, teacher_speed, num_classes)
     reference = {(latency_col if c == "latency_ms" else c): v for c, v in reference.items()}
     hv = pareto_front.hypervolume(table, objectives, reference)
     # hypervolume against time: trials in the order they finished (each row's last report)
-    table["finished_ms"] = (pd.to_numeric(table.get("timestamp"), errors="coerce") * 1000).fillna(0).astype("int64")
+    finished = table["reported_at"] if "reported_at" in table else table.get("timestamp")  # ms, else Tune's seconds
+    table["finished_ms"] = (pd.to_numeric(finished, errors="coerce") * 1000).fillna(0).astype("int64")
     history = pareto_front.hypervolume_history(table, objectives, reference, order_col="finished_ms")
-    out = Path(plan.out)
-    csv, png, hv_csv = out / "pareto.csv", out / "pareto.png", out / "hypervolume_history.csv"
+    out = Path(plan.local_dir)
+    csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", cockpit.PLOT, "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
+    teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), latency_col: teacher_speed["latency_ms"],
+               "label": "teacher"}
+    search = "predicted" if plan.latency == "model" else "probed"
     pareto_front.plot_pareto(
-        table, objectives, png, x=latency_col, label_col="label",
+        table, objectives, png, x=latency_col, label_col="label", number_col="trial_number", reference_point=teacher,
         x_spread=("latency_p25_ms", "latency_p75_ms") if confirmed else None,
         x_predicted="latency_ms" if confirmed else None,
-        title=(f"top1 vs latency measured end to end (bars: IQR; hollow: the search's {'predicted' if plan.latency == 'model' else 'probed'} latency): "
-               f"{int(table['pareto'].sum())} Pareto-optimal of {len(table)}") if confirmed else None,
-        reference_point={"top1": session.teacher.metrics.get("val_top1", float("nan")),
-                         latency_col: teacher_speed["latency_ms"], "label": "teacher"})
+        title=(f"top1 vs latency measured end to end (bars: IQR; hollow: the search's {search} latency): "
+               f"{int(table['pareto'].sum())} Pareto-optimal of {len(table)}") if confirmed else None)
+    pareto_front.plot_pareto_html(
+        table, objectives, html, x=latency_col, label_col="label", reference_point=teacher, hover_cols=HOVER_COLS,
+        title=f"{plan.name}: top1 vs {latency_col}" + (f" (the {int(table[latency_col].notna().sum())} trials "
+                                                        "confirmed end to end)" if confirmed else ""))
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
     n_failed = int(table["status"].eq("failed").sum())
-    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, hv_csv], history, metrics={
-        "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "n_failed": n_failed,
-        "teacher_top1": session.teacher.metrics.get("val_top1", float("nan")),
+    # n_pareto is part of the hypervolume history (one point per trial): not repeated as a summary
+    tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, html, hv_csv], history, metrics={
+        "n_trials": len(table), "n_failed": n_failed, "teacher_top1": teacher["top1"],
         "teacher_latency_ms": teacher_speed["latency_ms"],
         "teacher_latency_predicted_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"]),
         "n_confirmed": int(table[latency_col].notna().sum()) if confirmed else 0})
@@ -235,5 +342,6 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     print(results.printable(table))
     print(f"\nPareto front{' (measured latency)' if confirmed else ''}: {int(table['pareto'].sum())} of {len(table)} "
           f"trials ({n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
-    print(f"table {csv}\nplot {png}\nhypervolume history {hv_csv}")
-    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum())}
+    print(f"table {csv}\nplots {png} {html}\nhypervolume history {hv_csv}")
+    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference,
+            "search_reference": search_reference}

@@ -6,7 +6,8 @@ these functions with an explicit tracking URI, so no process-global MLflow state
 
 Layout in the store:
 - experiment: created once by the driver (``ensure_experiment``) with an explicit artifact
-  location, so artifacts never land in ``./mlartifacts`` of whatever directory a trial runs in.
+  location, so artifacts never land in ``./mlartifacts`` of whatever directory a trial runs in, and
+  tagged as model training (``mlflow.experimentKind``), not GenAI.
 - parent run (``sit.role=sweep``, ``sit.sweep_id=<id>``): sweep settings, Pareto CSV, plot,
   hypervolume history. A resumed sweep finds and reopens it instead of making a second one.
 - child runs (``sit.role=trial``, ``sit.trial_id=<id>``, ``mlflow.parentRunId=<parent>`` so the UI
@@ -16,7 +17,13 @@ Layout in the store:
 
 Experiments, runs and metric series are idempotent on their keys (name, sweep id, trial id,
 step), so a resumed sweep can log everything again without duplicating runs or history points.
-The Ray side (a Tune callback that calls these functions as results arrive) is in trial_logger.py.
+The Ray side (a Tune callback that calls these functions as results arrive) is in trial_logger.py;
+logged and registered models are in mlflow_models.py.
+
+The UI: MLflow 3.17 opens an experiment in its GenAI view unless the URL says
+``workflowType=machine_learning`` (its view switcher ignores the experiment's kind tag, which older
+3.x UIs read); ``share_run_view`` stores a run-list view (filter, columns, order, grouping) the way
+the UI's own *Share* button does, as an experiment tag, and returns the link that opens it.
 
 Limits: MLflow 3 refuses the file store (``./mlruns``); use ``sqlite:////abs/path/mlflow.db``
 (one machine, or a shared filesystem that supports SQLite locking) or a tracking server
@@ -27,6 +34,7 @@ MLflow's schema migrations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import numbers
@@ -36,7 +44,7 @@ import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlencode, urlparse
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -51,6 +59,10 @@ ARTIFACTS_DIRNAME = "mlartifacts"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own key: the UI nests a run under this one
 ROLE_TAG, SWEEP_TAG, TRIAL_TAG = "sit.role", "sit.sweep_id", "sit.trial_id"
 FAILURE_TAG, PARETO_TAG = "sit.failure", "sit.pareto"
+# What the UI reads to open the experiment as model training rather than GenAI (values: MLflow's).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # the UI's *Share* button stores views under this tag
+DEFAULT_UI = "http://127.0.0.1:5000"            # where `mlflow_ui_command` serves a database store
 # Database backends pass through as given; sqlite is handled apart (its path is made absolute).
 DB_SCHEMES = ("postgresql", "mysql", "mssql")
 TERMINAL = {"FINISHED", "FAILED", "KILLED"}
@@ -122,6 +134,52 @@ def mlflow_ui_command(tracking_uri: str) -> str:
             f"{shlex.quote(tracking_uri)} --host 127.0.0.1 --port 5000 --workers 1")
 
 
+def ui_url(tracking_uri: str) -> str:
+    """The MLflow UI's address: the tracking server itself, or where `mlflow_ui_command` serves."""
+    return tracking_uri if urlparse(tracking_uri).scheme.lower() in ("http", "https") else DEFAULT_UI
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str, artifact: str | None = None) -> str:
+    """A run's page (its ``artifact`` open in the artifact viewer if given), in the model-training view."""
+    page = f"/artifacts/{quote(artifact)}" if artifact else ""
+    return f"{ui_url(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}{page}?workflowType=machine_learning"
+
+
+def share_run_view(tracking_uri: str, experiment_id: str, key: str, *, search_filter: str, columns: list[str],
+                   order_by: str | None = None, ascending: bool = False, group_by_tag: str | None = None) -> str:
+    """Store a run-list view and return the link that opens it (model-training view, no clicks).
+
+    ``columns`` are ``metrics.<key>``, ``params.<key>`` or ``tags.<key>``; ``order_by`` one of them.
+    ``group_by_tag`` groups the list by a tag's value: runs nested under a parent run then show as
+    rows of their group instead of hiding under the parent's collapsed row. Storing the view again
+    under the same key replaces it. The format is the MLflow UI's own (3.x), not a public API:
+    the plain filter link (``run_list_url``) is the fallback.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", key):
+        raise ValueError(f"view key {key!r}: letters, digits, '.', '_' and '-' only")
+    shown = [_ui_column(c) for c in columns]
+    state = {"searchFilter": search_filter, "selectedColumns": shown, "columnOrder": shown}  # in this order
+    if order_by:
+        state |= {"orderByKey": _ui_column(order_by), "orderByAsc": ascending}
+    if group_by_tag:
+        state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": group_by_tag}]}
+    MlflowClient(tracking_uri).set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(state))
+    return f"{ui_url(tracking_uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&workflowType=machine_learning"
+
+
+def run_list_url(tracking_uri: str, experiment_id: str, search_filter: str) -> str:
+    """The run list filtered by ``search_filter`` (nested runs show under their parent's row)."""
+    return (f"{ui_url(tracking_uri)}/#/experiments/{experiment_id}/runs?"
+            + urlencode({"searchFilter": search_filter, "workflowType": "machine_learning"}, quote_via=quote))
+
+
+def _ui_column(column: str) -> str:
+    kind, _, key = column.partition(".")
+    if kind not in ("metrics", "params", "tags") or not key:
+        raise ValueError(f"column {column!r}: expected metrics.<key>, params.<key> or tags.<key>")
+    return f"{kind}.`{key}`"  # the UI's canonical column key
+
+
 # ---------------------------------------------------------------- experiment and parent run
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
@@ -132,6 +190,13 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | Non
     An existing experiment keeps the artifact location it was created with (MLflow cannot change it).
     """
     client = MlflowClient(tracking_uri)
+    experiment_id = _create_experiment(client, tracking_uri, name, artifact_location)
+    if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:  # a user's own choice stays
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment_id
+
+
+def _create_experiment(client: MlflowClient, tracking_uri: str, name: str, artifact_location: str | None) -> str:
     if (found := _live_experiment(client, name)) is not None:
         return found
     if artifact_location is None and (db := _sqlite_path(tracking_uri)) is not None:
@@ -212,6 +277,16 @@ def end_parent_run(tracking_uri: str, parent_run_id: str, status: str = "FINISHE
     MlflowClient(tracking_uri).set_terminated(parent_run_id, _terminal(status))
 
 
+@contextlib.contextmanager
+def ends_on_error(tracking_uri: str, run_id: str):
+    """Inside: an exception ends the run FAILED, an interrupt (Ctrl-C) KILLED, then propagates."""
+    try:
+        yield
+    except BaseException as e:
+        end_parent_run(tracking_uri, run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 # ---------------------------------------------------------------- trials (live child runs)
 
 def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, name: str,
@@ -233,19 +308,26 @@ def start_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, t
     return run.info.run_id
 
 
-def log_epoch(tracking_uri: str, run_id: str, metrics: Mapping, step: int, timestamp_ms: int | None = None) -> None:
+def log_epoch(tracking_uri: str, run_id: str, metrics: Mapping, step: int, timestamp_ms: int | None = None,
+              logged_through: int | None = None) -> None:
     """One epoch's numeric metrics at ``step``, stamped with when they arrived. Idempotent: a step
-    already logged for a key (a retried epoch, a replayed result) is not logged again."""
+    already logged for a key (a retried epoch, a replayed result) is not logged again. A caller that
+    knows the last step it logged to this run gives it as ``logged_through``: the run's history is
+    then not read (one query per metric key)."""
     client = MlflowClient(tracking_uri)
     values = _numeric(metrics)
-    done = {k for k in values if (_last_step(client, run_id, k) or -1) >= step}
+    if logged_through is not None:
+        done = set(values) if step <= logged_through else set()
+    else:
+        done = {k for k in values if (_last_step(client, run_id, k) or -1) >= step}
     stamp = timestamp_ms or _now_ms()
     client.log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items() if k not in done])
 
 
 def end_trial_run(tracking_uri: str, run_id: str, status: str, tags: Mapping | None = None,
-                  failure: str | None = None) -> None:
-    """Final status (FINISHED, FAILED, or KILLED for a trial stopped early) and final tags."""
+                  failure: str | None = None, end_time_ms: int | None = None) -> None:
+    """Final status (FINISHED, FAILED, or KILLED for a trial stopped early), final tags, and the end
+    time (default: now; give the time the trial ended when closing its run happens later)."""
     client = MlflowClient(tracking_uri)
     run_tags = _str_values(tags or {})
     if failure:
@@ -254,7 +336,7 @@ def end_trial_run(tracking_uri: str, run_id: str, status: str, tags: Mapping | N
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
     if not failure and FAILURE_TAG in client.get_run(run_id).data.tags:  # a retry that succeeded
         client.delete_tag(run_id, FAILURE_TAG)
-    client.set_terminated(run_id, _terminal(status))
+    client.set_terminated(run_id, _terminal(status), end_time=end_time_ms)
 
 
 def _find_child(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str):

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import Subset
 
 from sit_core.config import DistillJob
-from sit_core.data import load_splits, train_loader
-from sit_core.train import Trainer, distill_task, run_epochs, steps_per_epoch, teacher_task
+from sit_core.data import eval_loader, load_splits, train_loader
+from sit_core.train import EVAL_BATCH, Trainer, device_batches, distill_task, run_epochs, steps_per_epoch, teacher_task
 
 from .node_lock import NodeLock
 
@@ -38,12 +38,17 @@ def train_func(config: dict) -> None:
     torch.manual_seed(recipe.seed)  # same init on every rank; DDP also broadcasts rank 0's weights
 
     splits = load_splits(job.data)
-    loader = ray.train.torch.prepare_data_loader(
-        train_loader(splits.train, max(1, recipe.batch_size // world), cpus=cpus, pin_memory=device.type == "cuda"))
-    val = Subset(splits.val, range(rank, len(splits.val), world))  # exact shards: no sampler padding
-    test = Subset(splits.test, range(rank, len(splits.test), world))
+    pin = device.type == "cuda"
+    per_worker, _ = device_batches(recipe, world)  # the global batch split exactly; the Trainer caps each forward
+    loader = ray.train.torch.prepare_data_loader(train_loader(splits.train, per_worker, cpus=cpus, pin_memory=pin))
+    # exact shards (no sampler padding), decoded by the worker's spare CPUs like the training batches
+    val = eval_loader(Subset(splits.val, range(rank, len(splits.val), world)), EVAL_BATCH, cpus=cpus,
+                      pin_memory=pin, persistent=True)
+    test = eval_loader(Subset(splits.test, range(rank, len(splits.test), world)), EVAL_BATCH, cpus=cpus,
+                       pin_memory=pin)
 
-    task = teacher_task(job) if teacher_mode else distill_task(job, _teacher_state(config["teacher"]), splits.train)
+    start = _teacher_state(config["teacher"]) if config.get("teacher") is not None else None  # fine-tune: its start
+    task = teacher_task(job, start) if teacher_mode else distill_task(job, start, splits.train)
     trainer = Trainer(task, recipe, steps_per_epoch=steps_per_epoch(recipe, len(loader)), device=device,
                       model=ray.train.torch.prepare_model(task.net), reduce=_all_reduce, world=world)
     start_epoch = _restore(ray.train.get_checkpoint(), trainer)

@@ -23,8 +23,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from search_spaces import apply_point
 from sit_core.config import DistillJob
-from sit_core.data import load_splits, train_loader
-from sit_core.train import Trainer, distill_task, run_epochs, steps_per_epoch
+from sit_core.data import eval_loader, load_splits, train_loader
+from sit_core.train import EVAL_BATCH, Trainer, distill_task, run_epochs, steps_per_epoch
 
 from .node_lock import NodeLock
 from .pareto_front import Constraints
@@ -72,7 +72,8 @@ class TrialReport:
         return {**metrics, **self.static, "top1": top1,
                 "constraint_violation": list(self.constraints.violation(top1, latency_ms)),
                 "feasible": self.constraints.feasible(top1, latency_ms),
-                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start}
+                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start,
+                "reported_at": time.time()}  # the MLflow timestamp of this report (trial_logger.REPORTED_AT)
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
@@ -97,13 +98,21 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     """Distil in this process, one report (and checkpoint) per epoch; resumes from Tune's checkpoint."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     torch.set_num_threads(max(1, int(cpus)))
+    # a reserved GPU the process cannot see (a scheduling test's accounted-only GPUs) trains on CPU
     device = torch.device("cuda" if ctx.workers.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(job.train.seed)
     splits = load_splits(job.data)
-    loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=device.type == "cuda")
+    pin = device.type == "cuda"
+    loader = train_loader(splits.train, job.train.batch_size, cpus=cpus, pin_memory=pin)
+    val = eval_loader(splits.val, EVAL_BATCH, cpus=cpus, pin_memory=pin, persistent=True)
+    test = eval_loader(splits.test, EVAL_BATCH, cpus=cpus, pin_memory=pin)
     task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
     start_epoch = _restore(tune.get_checkpoint(), trainer)
+    if start_epoch >= job.train.epochs:
+        # stopped (a reclaimed node, a killed driver) after its last checkpoint but before Tune saw it
+        # end: its last report already holds the final metrics; there is nothing left to train
+        return {"status": "ok", "resumed_from_epoch": start_epoch}
     last: dict = {}
 
     def report(metrics: dict, is_last: bool) -> None:
@@ -115,7 +124,7 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
             tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     guard = NodeLock().shared if ctx.probe_lock else nullcontext
-    run_epochs(trainer, loader, splits.val, splits.test, start_epoch=start_epoch, report=report, guard=guard)
+    run_epochs(trainer, loader, val, test, start_epoch=start_epoch, report=report, guard=guard)
     return last
 
 

@@ -68,3 +68,30 @@ def cache_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SIT_CACHE_DIR", path)
         yield path
+
+
+# A small timm ViT that is not a preset: vit_small_patch16_224 shrunk to 32 px, patch 8 (16 patch
+# tokens), 4 blocks of width 64, with 4 register tokens (its own prefix tokens besides the class token).
+TINY_VIT = "vit_small_patch16_224"
+TINY_VIT_KWARGS = dict(img_size=32, patch_size=8, depth=4, embed_dim=64, num_heads=2, reg_tokens=4)
+TINY_VIT_SETS = [arg for k, v in TINY_VIT_KWARGS.items() if k != "img_size"
+                 for arg in ("--set", f"model.kwargs.{k}={v}")]
+
+
+def make_image_folder(root, classes=("ant", "bee", "cat"), n_train=30, n_val=6, size=32) -> str:
+    """root/train/<class>/*.png and root/val/<class>/*.png: class c is a noisy image dominated by
+    colour channel c, so a model can learn it in a few steps."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 96, (size, size, 3))
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)

@@ -9,6 +9,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from conftest import tiny_job
 from search_spaces import apply_point, point_from
@@ -89,8 +90,12 @@ def test_cards_carry_the_measured_latency(tmp_path):
     table = trial_table(tmp_path)
     done = results.confirmed(table, {0: speed_record(11.0), 1: speed_record(13.0)}, speed_record(12.0), OBJECTIVES,
                              Constraints())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the cards name the trials' runs: real ones (no model logged)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e")
+    done["run_id"] = [client.create_run(exp).info.run_id for _ in range(len(done))]
     paths = export_cards(pick_rows(done, "front", OBJECTIVES), str(tmp_path / "cards"), tiny_job(),
-                         {"tracking_uri": "sqlite:///x.db", "experiment": "e", "parent_run_id": "p"})
+                         {"tracking_uri": uri, "experiment": "e", "parent_run_id": "p"})
     assert [p.stem for p in paths] == ["tsm-0"]
     card = read_card(paths[0])
     m = card["metrics"]

@@ -17,6 +17,7 @@ from sit_core.data import (
     DataError,
     DataSpec,
     check_data,
+    eval_loader,
     load_splits,
     split_indices,
     train_loader,
@@ -247,3 +248,36 @@ def test_loaders_use_workers_only_for_decoded_images(tmp_path):
     loader = train_loader(folder.train, 2, cpus=4, pin_memory=True)
     assert loader.num_workers == 3 and loader.persistent_workers and loader.pin_memory
     assert train_loader(folder.train, 2, cpus=1).num_workers == 0       # nothing to spare
+    assert loader.prefetch_factor == 2  # two batches per worker: batch-1024 prefetching stays within host memory
+
+
+def test_eval_loaders_decode_with_the_spare_cpus_and_the_val_subset_reaches_scoring(tmp_path):
+    spec = DataSpec(kind="folder", root=make_image_tree(tmp_path / "imgs", n_train=8), img_size=16, in_chans=3,
+                    val_fraction=0.5, val_subset=3)
+    splits = load_splits(spec)
+    val = eval_loader(splits.val, 2, cpus=3, pin_memory=True, persistent=True)
+    assert val.num_workers == 2 and val.persistent_workers and val.pin_memory
+    assert sum(len(y) for _, y in val) == 3  # --val-subset: what top-1 is scored on, not the whole held-out part
+    test = eval_loader(splits.test, 2, cpus=3)
+    assert test.num_workers == 2 and not test.persistent_workers  # scored once
+    fm = load_splits(DataSpec(root=make_fake_fashion(tmp_path / "fm")))
+    assert eval_loader(fm.val, 8, cpus=4, persistent=True).num_workers == 0  # in-memory tensors
+
+
+def test_deit_randaugment_posterize_at_full_magnitude_gives_a_black_image(tmp_path):
+    """DeiT's 'rand-m9-mstd0.5-inc1' asks posterize to keep 0 bits at magnitude 10 (the TF reference: a
+    black image); Pillow 13 raises instead, which crashed ~1 batch of 64 in 10. The op must not raise."""
+    import copy
+
+    from PIL import Image, ImageOps
+    from timm.data.auto_augment import RandAugment
+    from sit_core.data import folder_transforms
+
+    train_tf, _ = folder_transforms(DataSpec(kind="folder", root=str(tmp_path), img_size=16, in_chans=3))
+    augment = next(t for t in train_tf.transforms if isinstance(t, RandAugment))
+    op = copy.copy(next(o for o in augment.ops if o.name == "PosterizeIncreasing"))
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    assert np.asarray(op(img)).max() == 0                          # keep 0 bits: black
+    op.magnitude = 5                                               # 4 - int(5 / 10 * 4) = 2 bits
+    assert np.array_equal(np.asarray(op(img)), np.asarray(ImageOps.posterize(img, 2)))

@@ -258,25 +258,45 @@ def test_every_registered_name_builds_runs_and_trains_on_a_small_input(name):
 
 @pytest.mark.parametrize("name", REGISTERED)
 def test_features_only(name):
-    """timm's test_model_forward_intermediates_features on our registry: slimmed blocks give token maps (NLC)."""
+    """timm's test_model_forward_features / _intermediates_features checks on our registry: NCHW maps
+    on the patch grid (reduction = patch size), slimmed or not, finite, with gradients to the TSMs."""
     model = timm.create_model(name, pretrained=False, features_only=True, **SMALL).eval()
-    expected_channels = model.feature_info.channels()
+    expected_channels, expected_reduction = model.feature_info.channels(), model.feature_info.reduction()
     assert len(expected_channels) >= 3
-    slimmed = name.startswith("sit_")
-    assert str(model.output_fmt.value) == ("NLC" if slimmed else "NCHW")
-    inner = model.model
-    leaving = sit_core.patch.tokens_leaving_block(inner)
-    with torch.no_grad():
-        outputs = model(torch.randn(1, 3, 64, 64))
+    assert str(model.output_fmt.value) == "NCHW"
+    outputs = model(torch.randn(1, 3, 64, 64))
     assert len(outputs) == len(expected_channels)
-    for e, i, o in zip(expected_channels, model.out_indices, outputs):
-        if slimmed:
-            assert o.shape == (1, leaving[i], e)
-        else:
-            assert o.shape == (1, e, 4, 4)
-        assert not torch.isnan(o).any()
+    for e, r, o in zip(expected_channels, expected_reduction, outputs):
+        assert o.shape == (1, e, 64 // r, 64 // r) and not torch.isnan(o).any()
+    if name.startswith("sit_"):
+        sum(o.sum() for o in outputs).backward()
+        tsm = [p for n, p in model.named_parameters() if ".slim." in n and "score" in n]
+        assert tsm and all(p.grad is not None for p in tsm)
     with pytest.raises(ValueError, match="feature_cls='getter'"):
         timm.create_model("sit_deit_tiny", features_only=True, feature_cls="hook", **SMALL)
+
+
+@pytest.mark.parametrize("reducer", ["drop", "merge"])
+def test_features_spread_each_token_over_the_positions_it_holds(reducer):
+    """Hard reducers make the mapping checkable: after a merge every position shows its group's token;
+    after a drop the kept tokens sit at one position each and the dropped positions read zero."""
+    model = timm.create_model("sit_deit_tiny", reducer=reducer, keep=0.5, features_only=True, out_indices=(2, 3, 5),
+                              **SMALL).eval()
+    inner = model.model
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        grids = model(x)
+        tokens = inner.forward_intermediates(x, indices=(2, 3, 5), output_fmt="NLC", intermediates_only=True)
+    leaving = sit_core.patch.tokens_leaving_block(inner)
+    for i, grid, tok in zip((2, 3, 5), grids, tokens):
+        cells = grid.flatten(2).transpose(1, 2)                       # (B, 16, C)
+        for b in range(2):
+            distinct = torch.unique(cells[b][cells[b].abs().sum(-1) > 0], dim=0)
+            assert len(distinct) == leaving[i] == tok.shape[1]
+            # every non-zero cell is one of the block's tokens (the same vectors, up to float error)
+            assert torch.cdist(distinct, tok[b]).min(dim=1).values.max() < 1e-4
+            zero = (cells[b].abs().sum(-1) == 0).sum().item()
+            assert zero == (16 - leaving[i] if reducer == "drop" else 0)
 
 
 def test_a_merging_model_refuses_gradient_checkpointing():

@@ -16,6 +16,7 @@ from sweeps.pareto_front import (
     near_front,
     pareto_mask,
     plot_pareto,
+    plot_pareto_html,
 )
 
 OBJ2 = {"top1": "max", "latency_ms": "min"}
@@ -167,12 +168,41 @@ def test_budget_pick_ties_go_to_the_faster_trial():
     assert budget_pick(df, "latency_ms", 3.0) == 1
 
 
-def test_plot_writes_a_png(tmp_path):
+def test_plot_writes_a_png_with_every_point_labelled(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
     df = random_table(1)
     df["name"] = [f"trial {i}" for i in range(len(df))]
-    out = plot_pareto(df, OBJ3, tmp_path / "plots" / "front.png", label_col="name",
+    labels = []
+    real = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: labels.append(text) or real(self, text, *a, **k))
+    out = plot_pareto(df, OBJ3, tmp_path / "plots" / "front.png", label_col="name", number_col="trial_number",
                       reference_point={"top1": 1.0, "latency_ms": 4.5, "label": "teacher"})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    front = pareto_mask(df, OBJ3)
+    finite = np.isfinite(df[["top1", "latency_ms"]].to_numpy(dtype=float)).all(axis=1)
+    assert sorted(labels) == sorted(list(df.loc[front, "name"]) + [f"#{n}" for n in df.loc[~front & finite, "trial_number"]])
+
+
+def test_html_plot_is_self_contained_and_hover_names_every_trial(tmp_path):
+    df = random_table(2)
+    df["label"] = [f"tsm {i % 4 + 1}@0.{i % 9 + 1} #{n}" for i, n in enumerate(df["trial_number"])]
+    df["schedule"] = [f"tsm:{i % 4 + 1}@0.5" for i in range(len(df))]
+    out = plot_pareto_html(df, OBJ3, tmp_path / "front.html", hover_cols=("trial_number", "schedule", "gmacs"),
+                           reference_point={"top1": 1.0, "latency_ms": 4.5, "label": "teacher"}, title="t <1>")
+    page = out.read_text()
+    assert "<script src" not in page and "http" not in page.replace("http://www.w3.org/2000/svg", "")  # offline
+    assert len(page) < 100_000 and "t &lt;1&gt;" in page
+    finite = np.isfinite(df[["top1", "latency_ms"]].to_numpy(dtype=float)).all(axis=1)
+    front, feasible = pareto_mask(df, OBJ3), df["feasible"].to_numpy()
+    assert page.count('class="pt g-pareto"') == front.sum()
+    assert page.count('class="pt g-dominated"') == (finite & feasible & ~front).sum()
+    assert page.count('class="pt g-infeasible"') == (finite & ~feasible).sum()
+    for _, row in df[finite].iterrows():  # the hover box of each trial: what it is and its numbers
+        assert f"&lt;b&gt;{row['label']}&lt;/b&gt;" in page and f"schedule: {row['schedule']}" in page
+    for name in df.loc[front, "label"]:
+        assert f'class="label g-pareto">{name}</text>' in page
+    assert "teacher" in page and f"Pareto-optimal ({front.sum()})" in page
 
 
 def test_bad_objectives_fail_clearly():

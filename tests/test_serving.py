@@ -46,6 +46,9 @@ def test_a_request_nothing_serves_fails_with_one_line(ray_local):
         ServingTarget.locate(SPEED, "inference_cpu", wait_s=2, log=lambda s: None)
     with pytest.raises(ValueError, match="trials train on GPUs but CPU latency would be timed on this node"):
         ServingTarget.locate(SPEED, trains_on_gpu=True)
+    # one node alive now, but an autoscaler may add more: the head is not the serving node by default
+    with pytest.raises(ValueError, match=r"this Ray cluster has up to 3 nodes \(autoscaling\): say which one serves"):
+        ServingTarget.locate(SPEED, cluster_nodes=3)
 
 
 @pytest.mark.slow

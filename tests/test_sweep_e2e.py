@@ -183,7 +183,9 @@ def files_under(path) -> dict:
 def smoke(tmp_path_factory, private_tmp, cache_dir):
     out = tmp_path_factory.mktemp("smoke") / "out"
     t0 = time.time()
+    before = set(os.listdir(ROOT))
     result = run_pareto(["--smoke-test", "--out", str(out)], sweep_env(private_tmp, cache_dir), out.parent / "pareto.log")
+    result.new_in_cwd = set(os.listdir(ROOT)) - before  # the sweep runs in ROOT: MLflow must write nothing there
     print(f"smoke sweep: {time.time() - t0:.0f}s")
     kill_processes_using(private_tmp)
     return out, result
@@ -266,7 +268,10 @@ def test_smoke_mlflow_parent_and_children(smoke):
     assert (params["objectives.top1"], params["objectives.latency_ms"]) == ("max", "min")
     assert params["preset"] == "fmnist-cpu" and params["trials"] == "3" and params["sampler"] == "tpe"
     artifacts = {a.path for a in client(out).list_artifacts(parent.info.run_id)}
-    assert {"pareto.csv", "pareto.png", "hypervolume_history.csv", "sweep.json"} <= artifacts, artifacts
+    assert {"pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "sweep.json"} <= artifacts, artifacts
+    assert "hypervolume" not in {m.key for m in client(out).get_metric_history(parent.info.run_id, "hypervolume")
+                                 if m.step == 0}
+    assert client(out).get_experiment_by_name(EXPERIMENT).tags["mlflow.experimentKind"] == "custom_model_development"
 
     # exactly one child per trial, nested under the parent
     assert len(children) == len(table) == 3
@@ -288,8 +293,8 @@ def test_smoke_mlflow_parent_and_children(smoke):
         # live: one point per epoch, logged when it arrived (increasing timestamps inside the run's span)
         history = sorted(c.get_metric_history(run.info.run_id, "val_top1"), key=lambda m: m.step)
         assert [m.step for m in history] == [1, 2]
-        assert history[0].timestamp <= history[1].timestamp
-        assert run.info.start_time <= history[0].timestamp <= history[1].timestamp <= run.info.end_time
+        # the run spans its training: opened before the first epoch ended, closed at the last report
+        assert run.info.start_time < history[0].timestamp < history[1].timestamp <= run.info.end_time
         m = run.data.metrics
         assert m["top1"] == pytest.approx(row["top1"]) and m["latency_ms"] == pytest.approx(row["latency_ms"])
         assert {"gmacs", "params_m", "test_top1", "work_s", "trial_wall_s", "speedup"} <= set(m)
@@ -335,6 +340,83 @@ def test_smoke_cards_rebuild_the_trained_students(smoke):
         rebuilt.eval()
         with torch.no_grad():
             assert torch.equal(loaded(x), rebuilt(x)), card
+
+
+def test_smoke_models_are_logged_registered_and_load_alike(smoke):
+    """Every finished trial logged its student as an MLflow model with its card; the picks are
+    registered with aliases; mlflow.pytorch.load_model and sit_core.load_card("models:/...@knee")
+    give the same logits; the exported card and the logged one hold the same weights file."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from sit_core.card import load_card, read_card
+    from sit_core.files import file_sha256
+
+    out, result = smoke
+    assert_ok(result)
+    uri = f"sqlite:///{Path(out).resolve()}/mlflow.db"
+    c = MlflowClient(uri, registry_uri=uri)
+    _, children = parent_and_children(out)
+    table = pareto_table(out)
+    for run in children:
+        tags = run.data.tags
+        assert [o.model_id for o in run.outputs.model_outputs] == [tags["sit.model_uri"].removeprefix("models:/")]
+        assert tags["sit.card"] == f"{tags['sit.model_uri']}/extra_files/tsm-{tags['sit.trial_number']}.yaml"
+        assert "sit.package_error" not in tags
+    registered = c.get_registered_model(SWEEP)
+    front_runs = set(table.loc[table["pareto"], "run_id"])
+    assert {"knee", "fastest", "most-accurate"} <= set(registered.aliases)
+    for alias, version in registered.aliases.items():
+        assert c.get_model_version(SWEEP, str(version)).run_id in front_runs, alias
+    knee = c.get_model_version_by_alias(SWEEP, "knee")
+    knee_run = c.get_run(knee.run_id)
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 28, 28)
+    mlflow.set_tracking_uri(uri)
+    try:
+        logged = mlflow.pytorch.load_model(knee_run.data.tags["sit.model_uri"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    rebuilt = load_card(f"models:/{SWEEP}@knee", tracking_uri=uri)
+    with torch.no_grad():
+        assert torch.equal(logged(x), rebuilt(x))
+    # the card on disk is the knee's (same weights file, by sha256) and names its run, model, version
+    card = Path(out, "cards", f"tsm-{knee_run.data.tags['sit.trial_number']}.yaml")
+    meta = read_card(card)
+    assert meta["mlflow"]["run_id"] == knee.run_id and meta["mlflow"]["model_uri"] == knee_run.data.tags["sit.model_uri"]
+    assert meta["mlflow"]["registered_model"] == SWEEP and "knee" in meta["mlflow"]["aliases"]
+    assert meta["weights"]["sha256"] == file_sha256(Path(knee_run.data.tags["sit.checkpoint"], "model.pt"))
+    assert not result.new_in_cwd, f"the sweep wrote {result.new_in_cwd} into its working directory"
+
+
+def test_smoke_cockpit_in_a_browser(smoke, tmp_path):
+    """The links the sweep printed, opened in headless Chromium against `mlflow server` and
+    `optuna-dashboard`: the Pareto view lists exactly the Pareto-optimal trials with their objectives,
+    the all-trials view groups them, the parent's interactive plot runs inside MLflow's artifact
+    viewer, and Optuna's dashboard shows the front (named objectives) and the hypervolume history.
+    Screenshots go to $SIT_SCREENSHOTS (default: the test's tmp dir), for people to look at."""
+    import cockpit_browser  # tests/ is on sys.path (pytest's rootdir-relative import)
+
+    out, result = smoke
+    assert_ok(result)
+    table = pareto_table(out)
+    shots = Path(os.environ.get("SIT_SCREENSHOTS") or tmp_path)
+    pages = cockpit_browser.shoot_all(out, result.stdout, shots)
+    for png, _ in pages.values():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print("screenshots:", *[str(png) for png, _ in pages.values()], sep="\n  ")
+    pareto_dom, trials_dom = pages["mlflow-pareto"][1], pages["mlflow-trials"][1]
+    for _, row in table.iterrows():
+        assert (row["label"] in pareto_dom) == bool(row["pareto"]), row["label"]
+        assert row["label"] in trials_dom
+    for text in ("top1", "latency_ms", "Model registry"):  # the registry link: the model-training view
+        assert text in pareto_dom, text
+    assert "Evaluation runs" not in pareto_dom  # not the GenAI view
+    assert "sit.pareto" in trials_dom  # grouped: Pareto-optimal apart from dominated
+    assert "mlflow-html-iframe" in pages["mlflow-plot"][1]
+    optuna_dom = pages["optuna"][1]
+    for text in ("Pareto Front", "top1", "latency_ms", "Hypervolume history", SWEEP):
+        assert text in optuna_dom, text
 
 
 def test_export_knee_from_a_finished_sweep(smoke, tmp_path, private_tmp):

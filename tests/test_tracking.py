@@ -176,3 +176,63 @@ def test_resolve_tracking_uri_precedence_and_errors(tmp_path, monkeypatch):
 def test_ui_command():
     assert "--backend-store-uri sqlite:////x/mlflow.db" in tracking.mlflow_ui_command("sqlite:////x/mlflow.db")
     assert tracking.mlflow_ui_command("http://h:5000") == "http://h:5000"
+
+
+def test_the_experiment_opens_as_model_training_unless_its_owner_chose(tmp_path):
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "kind")
+    client = MlflowClient(uri)
+    assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(exp, tracking.EXPERIMENT_KIND_TAG, "genai_development")
+    tracking.ensure_experiment(uri, "kind")
+    assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_shared_view_is_stored_the_ui_way_and_linked(sweep):
+    url = tracking.share_run_view(sweep["uri"], sweep["exp"], "pareto-s1", search_filter="tags.`sit.pareto` = 'true'",
+                                  columns=["metrics.top1", "metrics.latency_ms", "params.lr"], order_by="metrics.top1",
+                                  group_by_tag="sit.role")
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{sweep['exp']}/runs?viewStateShareKey=pareto-s1"
+                   "&workflowType=machine_learning")
+    state = json.loads(sweep["client"].get_experiment(sweep["exp"]).tags["mlflow.sharedViewState.pareto-s1"])
+    assert state == {"searchFilter": "tags.`sit.pareto` = 'true'",
+                     "selectedColumns": ["metrics.`top1`", "metrics.`latency_ms`", "params.`lr`"],
+                     "columnOrder": ["metrics.`top1`", "metrics.`latency_ms`", "params.`lr`"],
+                     "orderByKey": "metrics.`top1`", "orderByAsc": False,
+                     "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "sit.role"}]}}
+    # MLflow's own parser takes the stored filter
+    assert {r.data.tags["sit.trial_id"] for r in sweep["client"].search_runs([sweep["exp"]], state["searchFilter"])
+            } <= set(sweep["children"])
+    with pytest.raises(ValueError):
+        tracking.share_run_view(sweep["uri"], sweep["exp"], "bad key", search_filter="", columns=[])
+    with pytest.raises(ValueError):
+        tracking.share_run_view(sweep["uri"], sweep["exp"], "k", search_filter="", columns=["top1"])
+
+
+def test_links_to_the_ui():
+    assert tracking.run_list_url("http://h:5000", "3", "tags.`sit.pareto` = 'true'") == (
+        "http://h:5000/#/experiments/3/runs?searchFilter=tags.%60sit.pareto%60%20%3D%20%27true%27"
+        "&workflowType=machine_learning")
+    assert tracking.run_url("sqlite:////x/mlflow.db", "3", "abc") == \
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.run_url("http://h:5000", "3", "abc", artifact="pareto.html") == \
+        "http://h:5000/#/experiments/3/runs/abc/artifacts/pareto.html?workflowType=machine_learning"
+
+
+def test_a_run_ends_when_its_trial_ended_and_known_steps_are_not_read_again(tmp_path, monkeypatch):
+    uri = tracking.default_tracking_uri(tmp_path)
+    exp = tracking.ensure_experiment(uri, "times")
+    parent = tracking.start_parent_run(uri, exp, "s", {}, {})
+    run = tracking.start_trial_run(uri, exp, parent, "t", "tsm 1@0.5 #0", params={})
+    start = MlflowClient(uri).get_run(run).info.start_time
+    tracking.log_epoch(uri, run, {"loss": 2.0}, step=1, timestamp_ms=start + 10)
+    reads = []
+    monkeypatch.setattr(tracking, "_last_step", lambda *a: reads.append(a) or None)
+    tracking.log_epoch(uri, run, {"loss": 1.0}, step=2, timestamp_ms=start + 20, logged_through=1)
+    tracking.log_epoch(uri, run, {"loss": 9.0}, step=2, timestamp_ms=start + 30, logged_through=2)  # a replay
+    assert reads == []
+    tracking.end_trial_run(uri, run, "FINISHED", end_time_ms=start + 25)
+    info = MlflowClient(uri).get_run(run).info
+    assert info.end_time == start + 25 and info.status == "FINISHED"
+    history = MlflowClient(uri).get_metric_history(run, "loss")
+    assert sorted((m.step, m.value, m.timestamp) for m in history) == [(1, 2.0, start + 10), (2, 1.0, start + 20)]

@@ -174,3 +174,55 @@ def test_tsm_pool_warm_start_is_fitted_on_the_same_batch_every_time():
         assert not torch.equal(a.net.student.state_dict()[k], random_start.net.student.state_dict()[k])
     with pytest.raises(ValueError, match="needs the training set"):
         distill_task(job, state)
+
+
+IMAGENET_PRESETS = [name for name in __import__("sit_core.presets", fromlist=["PRESETS"]).PRESETS if "imagenet" in name]
+
+
+@pytest.mark.parametrize("preset", IMAGENET_PRESETS)
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_the_global_batch_holds_for_any_worker_count_and_never_lands_on_one_device(preset, workers):
+    from sit_core.presets import get_preset
+    from sit_core.train import device_batches
+
+    recipe = get_preset(preset).train
+    per_worker, per_forward = device_batches(recipe, workers)
+    assert per_worker * workers == recipe.batch_size == 1024  # the recipe's global batch, whatever --workers
+    assert per_forward <= recipe.device_batch_cap <= 128       # --workers 1: 1024 images, at most 128 per forward
+    forwards = -(-per_worker // per_forward)                   # what Trainer._accumulate runs per step
+    assert forwards * per_forward >= per_worker > (forwards - 1) * per_forward
+
+
+def test_a_batch_that_does_not_split_over_the_workers_is_refused():
+    from sit_core.presets import get_preset
+    from sit_core.train import device_batches
+
+    with pytest.raises(ValueError, match="batch_size 1024 does not split evenly over 3 workers"):
+        device_batches(get_preset("deit-small-imagenet").train, 3)
+
+
+@pytest.mark.parametrize("preset", IMAGENET_PRESETS)
+def test_imagenet_device_caps_fit_a_24gb_gpu_by_the_activation_estimate(preset):
+    """Training activations per image, mixed precision (Korthikanti et al. 2022, per block:
+    tokens x width x (34 + 5 x heads x tokens / width) bytes), times the cap, must leave a 24 GB
+    A10G room for weights, AdamW state, the frozen teacher and the allocator: <= 16 GiB."""
+    from sit_core.presets import get_preset
+
+    job = get_preset(preset)
+    with torch.device("meta"):
+        heads = job.model.build_teacher(pretrained=False).blocks[0].attn.num_heads
+    g = job.model.geometry()
+    tokens = g.num_patches + g.num_prefix_tokens
+    per_image = g.depth * tokens * g.embed_dim * (34 + 5 * heads * tokens / g.embed_dim)
+    assert per_image * job.train.device_batch_cap <= 16 * 2**30, f"{preset}: {per_image / 2**20:.0f} MiB per image"
+
+
+def test_each_forward_sees_at_most_the_device_cap():
+    job = override(tiny_job(), {"train.device_batch_cap": 5})
+    task = teacher_task(job)
+    sizes = []
+    task.net.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    trainer = Trainer(task, job.train, steps_per_epoch=1, device="cpu")
+    x, y = next(iter(batches(batch=12)))
+    trainer._accumulate(x, y)
+    assert sizes == [5, 5, 2]
