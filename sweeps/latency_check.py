@@ -4,6 +4,7 @@ random schedules of the sweep's search space, and how stable end-to-end measurem
     python sweeps/latency_check.py --preset deit-small-imagenet      # DeiT-S, random weights, batch 64, CPU
     python sweeps/latency_check.py                                    # the default preset (fmnist-cpu)
     python sweeps/latency_check.py --smoke-test                       # seconds: the mechanics only
+    python sweeps/latency_check.py --front runs/pareto                # re-confirm a finished sweep's front
 
 Builds (or loads from the cache) the preset's latency table on this machine, draws --schedules
 distinct random points of search_spaces.SearchSpace (Optuna's RandomSampler, --seed, the sweep's
@@ -13,6 +14,12 @@ accuracy over the candidates (MAPE, share within +-10%, Spearman rho of predicte
 median latency; also for the parts alone, without the teacher's offset); stability (each model's
 coefficient of variation over the confirmations, Kendall tau between the first two orderings); the
 protocols; and the goals of issue 9 with a verdict. --csv writes the per-schedule table.
+
+--front OUT re-confirms a finished sweep's confirmed front (the rows of OUT/pareto.csv with a
+measured latency, the front and the trials within 5% of it) --confirmations independent times on
+this machine, with the sweep's own serving setting (batch, dtype, threads) unless overridden:
+per-point coefficient of variation, Kendall tau between the orderings, and how far each
+re-confirmation is from the sweep's own measurement (meaningful on the machine the sweep timed on).
 
 A benchmark, not a test: run it with nothing else on the machine. Random weights (speed does not
 depend on them). DeiT-S at batch 64 on a 2-core CPU takes about 45 minutes with the defaults (the
@@ -24,7 +31,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,6 +71,8 @@ def build_parser():
     p.add_argument("--table-dir", help="where latency tables are kept (default: the project cache)")
     p.add_argument("--csv", help="write the per-schedule table here")
     p.add_argument("--smoke-test", action="store_true", help="a tiny model, a short protocol: numbers meaningless")
+    p.add_argument("--front", metavar="OUT", help="a finished sweep's --out: re-confirm its confirmed front instead "
+                   "(stability only; --preset, --schedules, --reducers and --seed do not apply)")
     return p
 
 
@@ -105,9 +114,43 @@ def stability(runs: pd.DataFrame) -> dict:
             "cv_within_goal": int((cv <= STABILITY_GOAL[0]).sum()), "kendall": float(tau)}
 
 
+def confirm(specs: dict, speed, *, confirmations: int, rounds: int, iters: int, warmup: int,
+            seed: int) -> tuple[pd.DataFrame, dict]:
+    """Every model of `specs` timed end to end, interleaved, `confirmations` independent times (fresh
+    models, a fresh order each: who runs next to whom changes too). Returns (one column of p50s per
+    confirmation, one row per model; the last confirmation's SpeedRecords)."""
+    from sit_core import latency
+
+    rng = np.random.default_rng(seed)
+    runs, records = {}, {}
+    for c in range(confirmations):
+        order = list(rng.permutation(list(specs)))
+        t1 = time.time()
+        records = latency.measure_models({name: specs[name] for name in order}, speed, rounds=rounds,
+                                         iters=iters, warmup=warmup)
+        runs[f"confirmation_{c + 1}"] = pd.Series({name: r.p50_ms for name, r in records.items()})
+        print(f"confirmation {c + 1}/{confirmations}: {time.time() - t1:.0f} s", flush=True)
+    return pd.DataFrame(runs).loc[list(specs)], records
+
+
+def _speed_changes(args) -> dict:
+    changes = {"speed.batch_size": args.speed_batch, "speed.threads": args.threads, "speed.device": args.device,
+               "speed.dtype": args.dtype}
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+def _check_cuda(job) -> None:
+    if job.speed.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.front:
+        return check_front(p, args)
     from sit_core import latency
     from sit_core.config import override
     from sit_core.presets import get_preset, smoke
@@ -120,13 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("note: one confirmation gives no stability figures", file=sys.stderr)
         job = get_preset(args.preset)
         job = smoke(job) if args.smoke_test else job
-        changes = {"speed.batch_size": args.speed_batch, "speed.threads": args.threads, "speed.device": args.device,
-                   "speed.dtype": args.dtype}
-        job = override(job, {k: v for k, v in changes.items() if v is not None})
-        if job.speed.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                raise ValueError("--device cuda: no CUDA device here")
+        job = override(job, _speed_changes(args))
+        _check_cuda(job)
         n = args.schedules or (SMOKE["schedules"] if args.smoke_test else 30)
         schedules = draw_schedules(job, reducers, n, args.seed)
     except ValueError as e:
@@ -146,16 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.confirmations} confirmation(s) x ({warmup} warm-up + {rounds} rounds x {iters}) forwards each: "
           f"about {args.confirmations * (warmup + rounds * iters) * per_forward / 60:.1f} min of timing", flush=True)
 
-    rng = np.random.default_rng(args.seed)
-    runs, records = {}, {}
-    for c in range(args.confirmations):
-        order = list(rng.permutation(list(specs)))  # a fresh order: who runs next to whom changes too
-        t1 = time.time()
-        records = latency.measure_models({name: specs[name] for name in order}, job.speed, rounds=rounds,
-                                         iters=iters, warmup=warmup)
-        runs[f"confirmation_{c + 1}"] = pd.Series({name: r.p50_ms for name, r in records.items()})
-        print(f"confirmation {c + 1}/{args.confirmations}: {time.time() - t1:.0f} s", flush=True)
-    runs = pd.DataFrame(runs).loc[list(specs)]
+    runs, records = confirm(specs, job.speed, confirmations=args.confirmations, rounds=rounds, iters=iters,
+                            warmup=warmup, seed=args.seed)
 
     rows = []
     for name, spec in specs.items():
@@ -198,17 +228,90 @@ def report(frame: pd.DataFrame, runs: pd.DataFrame, table, records: dict, job, a
     goal = f"rho >= {rho_goal}" + (f" and >= {within_goal:.0%} within +-10%" if within_goal else "")
     print(f"  goal ({'DeiT-S-sized' if goal_key == 'deit' else 'default preset'}): {goal} -> "
           f"{'met' if verdict else 'NOT met'}")
-    if runs.shape[1] > 1:
-        st = stability(runs)
-        print(f"\nstability over {runs.shape[1]} independent confirmations of the same {len(runs)} models:")
-        print(f"  coefficient of variation per model: median {st['cv_median']:.2%}, max {st['cv_max']:.2%}; "
-              f"{st['cv_within_goal']}/{len(runs)} models <= {STABILITY_GOAL[0]:.0%}")
-        print(f"  Kendall tau between the first two orderings: {st['kendall']:.3f}")
-        ok = st["cv_max"] <= STABILITY_GOAL[0] and st["kendall"] >= STABILITY_GOAL[1]
-        print(f"  goal: every CV <= {STABILITY_GOAL[0]:.0%} and tau >= {STABILITY_GOAL[1]} -> {'met' if ok else 'NOT met'}")
+    report_stability(runs, "models")
     print(f"\nprotocol (table): {table.protocol}")
     print(f"protocol (end to end, per confirmation): {records['teacher'].protocol()}")
     print(f"table: {table.describe()}" + (f"; {table.path}" if table.path else ""))
+
+
+def report_stability(runs: pd.DataFrame, what: str) -> Optional[dict]:
+    if runs.shape[1] < 2:
+        return None
+    st = stability(runs)
+    print(f"\nstability over {runs.shape[1]} independent confirmations of the same {len(runs)} {what}:")
+    print(f"  coefficient of variation per model: median {st['cv_median']:.2%}, max {st['cv_max']:.2%}; "
+          f"{st['cv_within_goal']}/{len(runs)} models <= {STABILITY_GOAL[0]:.0%}")
+    print(f"  Kendall tau between the first two orderings: {st['kendall']:.3f}")
+    ok = st["cv_max"] <= STABILITY_GOAL[0] and st["kendall"] >= STABILITY_GOAL[1]
+    print(f"  goal: every CV <= {STABILITY_GOAL[0]:.0%} and tau >= {STABILITY_GOAL[1]} -> {'met' if ok else 'NOT met'}")
+    return st
+
+
+def front_models(out: str, changes: Mapping) -> tuple:
+    """(job, {name: ModelSpec} of the teacher and every distinct architecture the sweep confirmed,
+    the confirmed rows) from a finished sweep's --out. ValueError, one line, where it has none."""
+    import io
+    import json
+
+    from sit_core.config import DistillJob, override
+    from sweeps import storage
+
+    out = storage.normalise(out)
+    marker, csv = storage.join(out, "sweep.json"), storage.join(out, "pareto.csv")
+    if not storage.exists(marker) or not storage.exists(csv):
+        raise ValueError(f"{out} holds no finished sweep (sweep.json and pareto.csv): pass a sweep's --out")
+    job = override(DistillJob.from_dict(json.loads(storage.read_text(marker))["base_job"]), changes)
+    table = pd.read_csv(io.StringIO(storage.read_text(csv)))
+    if "latency_measured_ms" not in table or not table["latency_measured_ms"].notna().any():
+        raise ValueError(f"the sweep in {out} confirmed no front (no latency_measured_ms): nothing to re-confirm")
+    rows = table[table["latency_measured_ms"].notna()].copy()
+    specs = {"teacher": job.model.teacher()}
+    for schedule in rows["schedule"]:
+        specs.setdefault(str(schedule), job.model.with_schedule(str(schedule)))
+    return job, specs, rows
+
+
+def check_front(p, args) -> int:
+    """--front: the sweep's confirmed front, re-measured end to end --confirmations times on this machine."""
+    try:
+        if args.confirmations < 2:
+            raise ValueError("--front needs --confirmations >= 2 (stability is the point)")
+        job, specs, rows = front_models(args.front, _speed_changes(args))
+        _check_cuda(job)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
+    t0 = time.time()
+    rounds, iters = args.rounds or job.speed.iters, args.iters or 1
+    warmup = args.warmup if args.warmup is not None else job.speed.warmup
+    print(f"re-confirming the front of {args.front}: {len(rows)} confirmed trial(s), {len(specs) - 1} "
+          f"architecture(s) + the teacher, {args.confirmations} independent confirmations x ({warmup} warm-up + "
+          f"{rounds} rounds x {iters}) forwards each", flush=True)
+    runs, records = confirm(specs, job.speed, confirmations=args.confirmations, rounds=rounds, iters=iters,
+                            warmup=warmup, seed=args.seed)
+    sweep = rows.groupby(rows["schedule"].astype(str))["latency_measured_ms"].median()
+    frame = runs.copy()
+    frame.insert(0, "sweep_ms", [float("nan") if n == "teacher" else sweep[n] for n in frame.index])
+    teacher = rows["teacher_latency_measured_ms"].dropna()
+    frame.loc["teacher", "sweep_ms"] = teacher.iloc[0] if len(teacher) else float("nan")
+    frame["cv"] = stability(runs)["cv"]
+    frame["speedup"] = runs.median(axis=1).loc["teacher"] / runs.median(axis=1)
+    frame.index.name = "schedule"
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
+    report_stability(runs, "models (the sweep's confirmed front and the teacher)")
+    vs_sweep = [runs[c].corr(frame["sweep_ms"], method="kendall") for c in runs]
+    drift = (runs.median(axis=1) / frame["sweep_ms"] - 1).abs()
+    print(f"  against the sweep's own confirmation: Kendall tau {', '.join(f'{t:.3f}' for t in vs_sweep)}; "
+          f"median |difference| {drift.median():.1%} (compare only on the hardware the sweep timed on)")
+    slower = frame[frame["speedup"] <= 1.0].drop(index="teacher", errors="ignore")
+    if len(slower):
+        print(f"  measured here no faster than the teacher: {', '.join(slower.index)}")
+    print(f"\nprotocol (end to end, per confirmation): {records['teacher'].protocol()}")
+    if args.csv:
+        frame.to_csv(args.csv)
+        print(f"wrote {args.csv}")
+    print(f"front check finished in {time.time() - t0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
