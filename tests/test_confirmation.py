@@ -17,7 +17,7 @@ from sit_core.card import read_card
 from sit_core.schedule import SlimSchedule
 from sit_core.speed import record
 from sweeps import pareto_front, results
-from sweeps.export import export_cards, pick_rows
+from sweeps.export import export_cards, measured_tags, pick_rows
 from sweeps.pareto_front import Constraints
 
 OBJECTIVES = {"top1": "max", "latency_ms": "min"}
@@ -104,6 +104,11 @@ def test_cards_carry_the_measured_latency(tmp_path):
     assert m["latency_p25_ms"] < m["latency_measured_ms"] < m["latency_p75_ms"]
     assert m["speedup_measured"] == pytest.approx(12 / 11) and m["teacher_latency_measured_ms"] == pytest.approx(12)
     assert card["speed"]["rounds"] == 6 and "interleaved" in card["speed"]["protocol"]
+    # what the registry's versions are tagged with (their logged card predates the confirmation)
+    tags = measured_tags(done)
+    assert float(tags[done.loc[0, "run_id"]]["sit.latency_measured_ms"]) == pytest.approx(11.0)
+    assert float(tags[done.loc[0, "run_id"]]["sit.speedup_measured"]) == pytest.approx(12 / 11, rel=1e-5)
+    assert tags[done.loc[2, "run_id"]] == {}  # not confirmed: nothing measured to tag
 
 
 def test_the_standalone_export_reads_the_confirmation_back_from_mlflow(tmp_path):

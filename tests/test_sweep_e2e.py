@@ -370,6 +370,10 @@ def test_smoke_models_are_logged_registered_and_load_alike(smoke):
         assert c.get_model_version(SWEEP, str(version)).run_id in front_runs, alias
     knee = c.get_model_version_by_alias(SWEEP, "knee")
     knee_run = c.get_run(knee.run_id)
+    # the card inside the logged model predates the confirmation: the version carries what it measured
+    knee_row = table.set_index("run_id").loc[knee.run_id]
+    assert float(knee.tags["sit.latency_measured_ms"]) == pytest.approx(knee_row["latency_measured_ms"], rel=1e-5)
+    assert float(knee.tags["sit.speedup_measured"]) > 1.0
     torch.manual_seed(0)
     x = torch.randn(3, 1, 28, 28)
     mlflow.set_tracking_uri(uri)
