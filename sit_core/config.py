@@ -180,7 +180,8 @@ class TrainSpec:
     grad_clip: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None  # cap for smoke runs and short sweep trials
     device_batch_cap: Optional[int] = None   # most images per forward on one device; accumulate the rest
-    tsm_init: str = "random"                 # random (the paper) | pool: TSMs start as a spatial pooling
+    tsm_init: str = "pool"                   # pool: TSMs start as a spatial pooling (README: +2.6 / +6.7 points
+                                             # of the teacher at 1.7x / 3.5x) | random: the paper's start
     amp: bool = True                         # CUDA only: bf16 autocast (fp16 + GradScaler if no bf16)
     seed: int = 0
 
@@ -288,7 +289,7 @@ class DistillJob:
         """
         # Evaluation-only subsets and distillation-only options do not change the teacher's weights.
         data = _non_default(self.data, skip=("val_subset", "test_subset"))
-        train = _non_default(self.teacher_train, skip=("rtsm_lr_mult", "tsm_init"))
+        train = _non_default(self.teacher_train, skip=DISTILLATION_ONLY)
         key = {"arch": {"backbone": self.model.backbone, "kwargs": self.model.kwargs}, "data": data, "train": train}
         if self.teacher_finetune != "none" or self.teacher_pretrained:
             # the weights it starts from, by content: the same path holding new weights is another teacher
@@ -354,6 +355,10 @@ def _known(kind, d: Mapping, where: str) -> None:
     unknown = sorted(set(d) - valid)
     if unknown:
         raise ValueError(f"unknown {where} field(s) {', '.join(unknown)}: valid are {', '.join(sorted(valid))}")
+
+
+# TrainSpec fields a teacher's training never reads (it has no TSM or RTSM)
+DISTILLATION_ONLY = ("rtsm_lr_mult", "tsm_init")
 
 
 def _non_default(spec, skip: tuple = ()) -> dict:

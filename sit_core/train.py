@@ -4,7 +4,7 @@ The same code serves the Ray Train worker (`sweeps/train_loop.py`: DDP over many
 one-worker sweep trial that trains inside its own process. Distribution enters only through two
 arguments: `model` (the net, or its DDP wrapper) and `reduce` (sums a tensor over the workers).
 
-    task = distill_task(job, teacher_state)         # or teacher_task(job)
+    task = distill_task(job, teacher_state, train_set)   # or teacher_task(job); train_set fits the TSM warm start
     trainer = Trainer(task, job.train, steps_per_epoch=100, device=device)
     for epoch in range(job.train.epochs):
         stats = trainer.train_epoch(loader)

@@ -1,4 +1,4 @@
-"""TSM warm start (research option): begin every TSM as a spatial pooling of the token grid.
+"""TSM warm start (the default, `TrainSpec.tsm_init="pool"`): begin every TSM as a spatial pooling of the token grid.
 
 A random TSM (trunc_normal 0.02 scores) starts near UNIFORM averaging: every output slot is about
 the mean of all input tokens, so at step 0 the student throws away the spatial structure the
@@ -16,8 +16,9 @@ around N' well-spread centres of the token grid:
   4. ridge least squares of z* on the score MLP's hidden features (LayerNorm -> Linear -> GELU,
      left as they are) gives the last Linear's weight and bias; the scale is reset to 1.
 Token features carry the position embeddings, which is what makes position linearly readable.
-Only the TSMs change; the backbone and RTSMs are untouched. Whether it stays an option or becomes
-the default is decided by `sweeps/compare_reducers.py --arms sit,sit+pool` (README).
+Only the TSMs change; the backbone and RTSMs are untouched. It is the default because it measured
+better than the paper's random start at the same MACs and budget (`sweeps/compare_reducers.py
+--arms sit,sit+pool`, README); `tsm_init="random"` keeps the paper's start.
 """
 from __future__ import annotations
 

@@ -20,6 +20,11 @@ from sit_core.schedule import PAPER_SCHEDULES
 from sit_core.teachers import card_teacher
 
 
+# The Optuna samplers a sweep or a replay can use (built by sweeps.optuna_search.make_sampler; named
+# here so that --help and bad input are answered before Ray and Optuna are imported).
+SAMPLERS = ("tpe", "nsga2", "random", "gp")
+
+
 def doc_parser(doc: str) -> argparse.ArgumentParser:
     """First paragraph of `doc` as the description, the rest (usage examples, limits) as the epilog."""
     summary, _, rest = doc.partition("\n\n")

@@ -8,8 +8,8 @@ Every arm starts from the preset's teacher (shipped, cached or checkpoint) and i
 project's own training code (`sit_core.train`, the code a one-worker sweep trial runs) with the
 preset's recipe, at two MAC reductions (~1.7x and ~3.5x) and at budgets that are multiples of the
 preset's sweep-trial budget (epochs x max_steps_per_epoch steps; x5 means 5x the steps per epoch):
-  sit       TSMs after the blocks, FRD (lambda_token = lambda_logits = 2, tau = 1), random TSM start
-  sit+pool  the same, TSMs warm-started as a spatial pooling (sit_core.warm_start)
+  sit       TSMs after the blocks, FRD (lambda_token = lambda_logits = 2, tau = 1), the paper's random TSM start
+  sit+pool  the same, TSMs warm-started as a spatial pooling (sit_core.warm_start; the project's default)
   drop      EViT: top-k by the block's class attention between attention and MLP, dropped tokens fused
   merge     ToMe at the same positions, proportional attention
   ce-only   SiT's TSMs trained with cross-entropy only (no distillation)
@@ -39,11 +39,11 @@ from sweeps.cli import doc_parser
 SCHEDULES = {"1.7x": {"tsm": "2,4@0.5", "peer": "2,4@0.62"},
              "3.5x": {"tsm": "1,2,3@0.35", "peer": "1,2,3@0.53"}}
 ARMS = {  # name -> (reducer, schedule suffix, job changes)
-    "sit": ("tsm", "", {}),
+    "sit": ("tsm", "", {"train.tsm_init": "random"}),     # the paper's start
     "sit+pool": ("tsm", "", {"train.tsm_init": "pool"}),
     "drop": ("drop", "+fuse", {}),
     "merge": ("merge", "", {}),
-    "ce-only": ("tsm", "", {"loss.lambda_token": 0.0, "loss.lambda_logits": 0.0}),
+    "ce-only": ("tsm", "", {"loss.lambda_token": 0.0, "loss.lambda_logits": 0.0, "train.tsm_init": "random"}),
 }
 
 

@@ -27,7 +27,7 @@ OBJECTIVES = {"top1": "max", "latency_ms": "min"}
 
 def main(argv=None) -> int:
     p = doc_parser(__doc__)
-    p.add_argument("--samplers", default="tpe,random")
+    p.add_argument("--samplers", default="tpe,random", help="comma list of tpe, nsga2, random, gp (default: %(default)s)")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare_samplers")
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     for sampler, t in tables.items():
         t = t.copy()
         t["pareto"] = pareto_front.pareto_mask(t, OBJECTIVES)
-        rows.append({"sampler": sampler, "trials": len(t), "failed": int((t["status"] != "ok").sum()),
+        rows.append({"sampler": sampler, "trials": len(t), "failed": int((t["status"] == "failed").sum()),
+                     "stopped": int((t["status"] == "stopped").sum()),
                      "pareto_points": int(t["pareto"].sum()), "hypervolume": pareto_front.hypervolume(t, OBJECTIVES, reference),
                      "best_top1": t["top1"].max(), "fastest_ms": t["latency_ms"].min(),
                      "overhead_share_mean": t["overhead_share"].mean(), "overhead_share_max": t["overhead_share"].max(),

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(f"done in {time.time() - t0:.0f}s: {job.model.schedule} val top-1 {m['val_top1']:.2f}% "
           f"test top-1 {m['test_top1']:.2f}% (teacher val {session.teacher.metrics.get('val_top1', float('nan')):.2f}%) "
           f"loss {m['train_loss']:.4f} [cls {m['train_loss_cls']:.4f} token {m['train_loss_token']:.4f} "
-          f"logits {m['train_loss_logits']:.4f}] train {m['train_img_s']:.0f} img/s; weights: {outcome.model_path}")
+          f"logits {m['train_loss_logits']:.4f}] train {m['train_img_s']:.0f} img/s; weights: {outcome.weights_uri}")
     return 0
 
 

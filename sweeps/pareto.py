@@ -18,9 +18,12 @@ those measurements; a candidate measured no faster than the teacher is never exp
 timed where the model will serve: this node's CPU, a GPU (--speed-device cuda), or the node that
 advertises --latency-resource (e.g. inference_cpu, cluster.yaml's serving node). Objectives default
 to maximising validation top-1 and minimising latency; trials over --max-latency-ms or under
---min-top1 are infeasible and never on the front. Each trial is a nested MLflow run under the
-sweep's parent run, live while it trains; the front is exported as cards (sit_core.load_card
-rebuilds the model). On a cluster, trials are sized from what its autoscaler can add (and asked of
+--min-top1 are infeasible and never on the front. Early stopping (MO-ASHA, on by default): after
+--grace epochs and then every --eta times as many, a trial goes on only if it is in the top 1/eta
+of the trials that reached that point, by Pareto rank (feasible before infeasible); a stopped
+trial is PRUNED in Optuna, KILLED in MLflow and never on the front (only full-budget trials are).
+Each trial is a nested MLflow run under the sweep's parent run, live while it trains; the front is
+exported as cards (sit_core.load_card rebuilds the model). On a cluster, trials are sized from what its autoscaler can add (and asked of
 it at once); --out must be storage every node sees (a shared mount or an s3://, gs:// URI: a local
 directory is refused unless verified or confirmed with --shared-out), and SQLite stores stay on the
 driver's local disk.
@@ -38,12 +41,16 @@ if __package__ in (None, ""):  # `python sweeps/pareto.py` from a checkout
 
 from search_spaces import SearchSpace
 from sit_core.config import DistillJob
-from sweeps.cli import add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit, positive_int, validate_job
+from sweeps.cli import (SAMPLERS, add_job_arguments, doc_parser, finite_float, job_from_args, job_yaml, parse_or_exit,
+                        positive_int, validate_job)
 from sweeps import storage
 from sweeps.pareto_front import Constraints
 
-DEFAULT_TRIALS = 6            # the embedded default: a front of several points in <= 10 min on 2 cores
+# The embedded default, <= 10 min on 2 cores: with MO-ASHA a trial trains ~0.52 of its 4 epochs on
+# average (16 trials: ~33 epochs, 4 of them to the end), so 16 start where 6 trained to the end.
+DEFAULT_TRIALS, DEFAULT_TRIALS_FULL_BUDGET = 16, 6  # --scheduler moasha / none
 SMOKE_TRIALS = 3
+DEFAULT_GRACE, DEFAULT_ETA = 1, 3.0  # fmnist-cpu: 4 epochs, rungs after epochs 1 and 3
 OBJECTIVE_CHOICES = {"top1": "max", "latency_ms": "min", "gmacs": "min"}
 REDUCERS = ("tsm", "drop", "merge")
 
@@ -75,11 +82,20 @@ def build_parser():
                    "local disk: in --out when it is local, else in the cache; never on NFS/EFS)")
     p.add_argument("--cluster-config", metavar="YAML", help="the autoscaler's cluster config, to size trials from "
                    "what the cluster can hold (default: ~/ray_bootstrap_config.yaml when `ray up` left it here)")
-    p.add_argument("--trials", type=positive_int, help=f"trials to run (default: {DEFAULT_TRIALS}, smoke: {SMOKE_TRIALS})")
+    p.add_argument("--trials", type=positive_int, help=f"trials to start (default: {DEFAULT_TRIALS}, "
+                   f"{DEFAULT_TRIALS_FULL_BUDGET} with --scheduler none, smoke: {SMOKE_TRIALS})")
     p.add_argument("--concurrent", type=positive_int, help="trials at once (default: what the cluster can hold, "
                    "its autoscaler's node types included)")
-    p.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"),
-                   help="Optuna multi-objective sampler (default: %(default)s)")
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS,
+                   help="Optuna multi-objective sampler; gp is Optuna's GPSampler (default: %(default)s)")
+    p.add_argument("--scheduler", default="moasha", choices=("moasha", "none"),
+                   help="early stopping: moasha stops a trial at a rung unless it is in the top 1/eta of the "
+                        "trials that reached that rung by Pareto rank; none trains every trial to the end "
+                        "(default: %(default)s)")
+    p.add_argument("--grace", type=positive_int, default=DEFAULT_GRACE,
+                   help="epochs before the first rung (default: %(default)s)")
+    p.add_argument("--eta", type=finite_float, default=DEFAULT_ETA,
+                   help="reduction factor: rungs at grace * eta^k epochs, 1/eta of a rung goes on (default: %(default)s)")
     p.add_argument("--objectives", default="top1:max,latency_ms:min",
                    help="comma list of top1, latency_ms, gmacs with :max/:min (default: %(default)s)")
     p.add_argument("--reducers", default="tsm", help="token reducers competing on the front: any of tsm,drop,merge")
@@ -129,6 +145,9 @@ class Plan:
     latency_resource: Optional[str] = None
     latency_table_dir: Optional[str] = None
     smoke: bool = False            # a short latency-table protocol: mechanics, not numbers
+    scheduler: str = "moasha"
+    grace: int = DEFAULT_GRACE
+    eta: float = DEFAULT_ETA
     local_dir: str = ""            # the driver's local files (SQLite, tables, cards), published to `out`
     optuna_url: Optional[str] = None
     shared_out: bool = False
@@ -155,7 +174,9 @@ class Plan:
         return {"name": self.name, "tracking_uri": self.tracking_uri, "objectives": self.objectives,
                 "reducers": list(self.reducers), "max_latency_ms": self.max_latency_ms, "min_top1": self.min_top1,
                 "trials": self.trials, "sampler": self.sampler, "seed": self.seed, "preset": self.job.name,
-                "latency": self.latency, "latency_resource": self.latency_resource, "base_job": self.job.to_dict()}
+                "latency": self.latency, "latency_resource": self.latency_resource,
+                "scheduler": self.scheduler, "grace": self.grace, "eta": self.eta, "concurrent": self.concurrent,
+                "base_job": self.job.to_dict()}
 
 
 def make_plan(args) -> Plan:
@@ -166,7 +187,8 @@ def make_plan(args) -> Plan:
         return Plan(job, "", "", "", 0, 1, "", {}, (), Constraints(), False, False, "", 0, 1, False, None, None)
     validate_job(job)
     SearchSpace.for_job(job, reducers=_reducers(args.reducers))  # every reducer must serve the model
-    trials = args.trials or (SMOKE_TRIALS if args.smoke_test else DEFAULT_TRIALS)
+    trials = args.trials or (SMOKE_TRIALS if args.smoke_test else
+                             DEFAULT_TRIALS if args.scheduler == "moasha" else DEFAULT_TRIALS_FULL_BUDGET)
     if args.cpus_per_worker is not None and not args.cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker {args.cpus_per_worker} must be > 0")
     if args.max_latency_ms is not None and not args.max_latency_ms > 0:
@@ -185,6 +207,13 @@ def make_plan(args) -> Plan:
         if not torch.cuda.is_available():
             raise ValueError("--speed-device cuda: this machine has no CUDA device (on a cluster, pass --address "
                              "or --latency-resource of a GPU node)")
+    if not args.eta > 1:
+        raise ValueError(f"--eta {args.eta:g} must be > 1")
+    if args.scheduler == "moasha":
+        from sweeps.moasha import rung_steps
+        if not rung_steps(args.grace, args.eta, job.train.epochs):
+            raise ValueError(f"--grace {args.grace} leaves no rung below the {job.train.epochs} training epochs: "
+                             "lower it, raise --epochs, or pass --scheduler none")
     reducers = _reducers(args.reducers)
     if args.export not in ("front", "knee") and not args.export.startswith("budget:"):
         raise ValueError(f"--export {args.export!r} must be front, knee or budget:<ms>")
@@ -218,8 +247,8 @@ def make_plan(args) -> Plan:
                 cpus_per_worker=args.cpus_per_worker, address=args.address, latency=args.latency,
                 latency_resource=args.latency_resource, smoke=args.smoke_test,
                 latency_table_dir=os.path.abspath(os.path.expanduser(table_dir)) if table_dir else None,
-                local_dir=local_dir, optuna_url=optuna_url, shared_out=args.shared_out,
-                cluster_config=args.cluster_config)
+                scheduler=args.scheduler, grace=args.grace, eta=args.eta, local_dir=local_dir, optuna_url=optuna_url,
+                shared_out=args.shared_out, cluster_config=args.cluster_config)
 
 
 def _reducers(text: str) -> tuple:

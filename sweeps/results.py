@@ -20,7 +20,7 @@ from . import pareto_front
 from .pareto_front import Constraints
 
 SHOWN = ["trial_number", "label", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
-         "speedup_measured", "gmacs", "epoch", "status", "feasible", "pareto_predicted", "pareto"]
+         "speedup_measured", "gmacs", "epoch", "status", "work_s", "wall_s", "feasible", "pareto_predicted", "pareto"]
 MEASURED = "latency_measured_ms"
 # what a card's `speed` section keeps of a confirmation's SpeedRecord (the numbers are metrics)
 SPEED_FIELDS = ("device", "device_name", "dtype", "batch_size", "threads", "warmup", "rounds", "samples",
@@ -40,10 +40,12 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
           constraints: Constraints) -> pd.DataFrame:
     """`tune_frame`: `ResultGrid.get_dataframe()` (last result of each trial that reported).
     `trials`: what the driver saw of every started trial, by trial id: `number`, `config`, `error`,
-    `stopped` (by the scheduler), `wall_s`, `run_id`, `checkpoint` (path of the last one)."""
+    `stopped` (by the scheduler), `wall_s` (and `started_s`, `ended_s`: epoch seconds), `run_id`,
+    `checkpoint` (path of the last one)."""
     seen = pd.DataFrame([{"trial_id": tid, **info} for tid, info in trials.items()])
     if seen.empty:
-        seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "run_id", "checkpoint"])
+        seen = pd.DataFrame(columns=["trial_id", "number", "config", "error", "stopped", "wall_s", "started_s",
+                                     "ended_s", "run_id", "checkpoint"])
     frame = tune_frame.drop(columns=[c for c in tune_frame.columns if c.startswith("config/")], errors="ignore")
     table = seen.merge(frame, on="trial_id", how="left").rename(columns={"number": "trial_number"})
     table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
@@ -54,6 +56,7 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
                                 ["failed", "stopped"], "ok")
     for col in ("top1", "latency_ms", "gmacs", "test_top1"):
         table[col] = pd.to_numeric(table.get(col), errors="coerce")
+    table["overhead_share"] = overhead_shares(table)
     return mark(table, objectives, constraints).sort_values("trial_number", kind="stable").reset_index(drop=True)
 
 
@@ -102,6 +105,52 @@ def confirmed(table: pd.DataFrame, records: Mapping, teacher, objectives: Mappin
         for col in SPEED_FIELDS:
             table.at[i, f"speed.{col}"] = speed[col]
     return mark(table, objectives, constraints, latency_col=MEASURED)
+def overhead_shares(table: pd.DataFrame) -> pd.Series:
+    """Each trial's orchestration share: the part of its wall time (`wall_s`, the driver's view: its
+    MLflow run opens when Tune starts the trial and closes when Tune ends it, so actor start-up,
+    data loading, model building, reporting, checkpoints and the driver's bookkeeping all count)
+    spent outside measuring latency, training and evaluating (`work_s`, summed by the trial). NaN
+    for a trial resumed after a kill (its wall time spans the downtime) or without both times."""
+    wall, work = _numbers(table, "wall_s"), _numbers(table, "work_s")
+    resumed = _numbers(table, "resumed_from_epoch").fillna(0) > 0
+    share = (1.0 - work / wall).clip(lower=0.0)
+    return share.where((wall > 0) & ~resumed)
+
+
+def _numbers(table: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(table[col], errors="coerce") if col in table else pd.Series(float("nan"), index=table.index)
+
+
+def overhead_total(table: pd.DataFrame) -> float:
+    """The sweep's orchestration share: summed over the trials with a share (see overhead_shares)."""
+    usable = table[table["overhead_share"].notna()]
+    wall, work = usable["wall_s"].astype(float).sum(), usable["work_s"].astype(float).sum()
+    return 1.0 - work / wall if wall > 0 else float("nan")
+
+
+def overhead_summary(table: pd.DataFrame) -> str:
+    """One line for the end of a sweep: the orchestration share over all trials, and per trial."""
+    usable = table[table["overhead_share"].notna()]
+    if usable.empty:
+        return "orchestration share: no trial with both its wall time and its work time"
+    wall, work = usable["wall_s"].astype(float).sum(), usable["work_s"].astype(float).sum()
+    per = usable["overhead_share"]
+    return (f"orchestration share: {overhead_total(table):.1%} of trial wall time ({wall - work:.0f} s of {wall:.0f} s "
+            f"outside latency/train/eval, {len(usable)} trials; per trial median {per.median():.1%}, "
+            f"max {per.max():.1%})")
+
+
+def slot_use_summary(table: pd.DataFrame, concurrent: int) -> str:
+    """One line on the gaps between trials, which no trial's wall time holds (the searcher asking
+    the sampler, Tune starting the next trial): the share of the trial phase's slot time (first
+    trial start to last trial end, times `concurrent`) spent on trials' work."""
+    started, ended = _numbers(table, "started_s"), _numbers(table, "ended_s")
+    work = _numbers(table, "work_s").fillna(0.0).sum()
+    span = ended.max() - started.min()
+    if not span > 0:
+        return "trial slots: no finished trial"
+    return (f"trial slots: {work / (concurrent * span):.1%} of {concurrent} x {span:.0f} s (first trial start to "
+            f"last trial end) spent on latency/train/eval")
 
 
 def reference_point(objectives: Mapping[str, str], teacher: Mapping[str, float], num_classes: int) -> dict:

@@ -77,7 +77,8 @@ class Outcome:
     status: str                       # ok | non_finite | error
     metrics: dict                     # last epoch's metrics (rank 0)
     history: list = field(default_factory=list)  # every epoch's metrics
-    model_path: Optional[str] = None  # inference weights (no RTSM) of the last epoch
+    model_path: Optional[str] = None  # inference weights (no RTSM) of the last epoch, copied locally
+    weights_uri: Optional[str] = None  # the same file where the run keeps it (under --out, or its bucket)
     failure: Optional[str] = None
 
 
@@ -104,14 +105,22 @@ def fit(job: DistillJob, *, mode: str, teacher=None, workers: Workers, storage_p
         return Outcome(status="error", metrics={}, failure=_first_line_of_cause(e))
     history = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m.get("epoch", 0))
     metrics = dict(result.metrics or (history[-1] if history else {}))
-    model_path = None
+    model_path = weights_uri = None
     if result.checkpoint is not None:
         local = Path(tempfile.mkdtemp(prefix=f"{run_name}-"), "final_model.pt")
         with result.checkpoint.as_directory() as d:
             shutil.copyfile(Path(d, MODEL_FILE), local)
         model_path = str(local)
+        weights_uri = _location(result.checkpoint, MODEL_FILE)
     return Outcome(status=metrics.get("status", "ok" if metrics else "empty"), metrics=metrics, history=history,
-                   model_path=model_path, failure=metrics.get("failure"))
+                   model_path=model_path, weights_uri=weights_uri, failure=metrics.get("failure"))
+
+
+def _location(checkpoint, name: str) -> str:
+    """A checkpoint file as a user finds it: a local path, or scheme://bucket/key on object storage."""
+    path = f"{checkpoint.path.rstrip('/')}/{name}"
+    kind = checkpoint.filesystem.type_name
+    return path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{path}"
 
 
 def _first_line_of_cause(error: Exception) -> str:

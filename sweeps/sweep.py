@@ -1,7 +1,8 @@
 """The sweep itself (called by `pareto.py` once its plan is validated): the serving node and the
-latency table, the Tuner with the Optuna searcher and MLflow logging (each finished trial's model
-and card logged to its run), then the one trial table, the front confirmed by end-to-end
-measurement, plots, MLflow summary, registered picks, cards and the links to open."""
+latency table, the Tuner with the Optuna searcher, the MO-ASHA scheduler and MLflow logging (each
+finished trial's model and card logged to its run), then the one trial table, the front confirmed by
+end-to-end measurement, plots, MLflow summary (hypervolume after every trial, at the time it ended),
+the orchestration share, registered picks, cards and the links to open."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import optuna
 import pandas as pd
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -25,8 +25,10 @@ from sit_core.files import atomic_write_text
 
 from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
 from .export import export_cards, pick_rows, register
+from .moasha import ParetoRungs
 from .optuna_search import ParetoOptunaSearch, make_sampler
 from .runner import Session
+from .scheduler import ParetoASHA
 from .serving import ServingTarget
 from .speed_probe import LatencyModel, Prober
 from .train_loop import MODEL_FILE
@@ -40,8 +42,9 @@ NEAR_FRONT = 0.05  # trials within 5% of the front are confirmed too: a predicti
 HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
               "speedup_measured", "gmacs", "speedup", "status", "feasible", "run_id")
 # What the driver writes locally (storage.staging_dir) and publishes to --out.
+SCHEDULER_STATE = "pareto_asha.json"  # MO-ASHA's decisions, beside the Optuna study they go with
 PUBLISHED = ("sweep.json", "pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "cards", "optuna.db",
-             "mlflow.db")
+             "mlflow.db", SCHEDULER_STATE)
 
 
 def run_sweep(plan) -> int:
@@ -72,7 +75,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
     in_process = plan.workers == 1
     os.makedirs(plan.local_dir, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
     if plan.resume:
-        restored = storage.restore_missing(plan.out, plan.local_dir)
+        restored = storage.restore_missing(plan.out, plan.local_dir, (*storage.SQLITE_FILES, SCHEDULER_STATE))
         if restored:
             print(f"restored {', '.join(restored)} from {plan.out} into {plan.local_dir}")
     concurrent, workers = session.shape.concurrent, session.workers
@@ -112,8 +115,14 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
         mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
         package = TrialPackager(job, plan.tracking_uri, mlflow_info)
-        logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package)
-        tuner = _tuner(plan, job, trainable, concurrent, logger, session.shape.retries)
+        scheduler = make_scheduler(plan)
+        print("early stopping: " + (f"MO-ASHA, rungs after epochs {scheduler.rungs.rungs} of {job.train.epochs}, "
+                                    f"the top 1/{plan.eta:g} of each rung goes on" if scheduler
+                                    else "none (every trial trains to the end)"))
+        logger = TrialRunLogger(plan.tracking_uri, exp_id, parent, name_of=results.label, on_finished=package,
+                                stopped_early=scheduler.stopped_early if scheduler else _never_stopped)
+        tuner = _tuner(plan, trainable, concurrent, logger, session.shape.retries,
+                       searcher=make_searcher(plan, scheduler), scheduler=scheduler)
         cockpit.name_objectives(plan.optuna_storage, plan.name, plan.objectives)
         views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
         print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
@@ -124,7 +133,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         try:
             table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
         except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
-            summarise(plan, table, teacher_speed, session, parent)
+            summarise(plan, table, teacher_speed, session, parent, concurrent)
             tracking.end_parent_run(plan.tracking_uri, parent, "FAILED")
             storage.publish(plan.local_dir, plan.out, PUBLISHED)  # --resume starts from these
             last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
@@ -133,7 +142,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
                   "again (finished trials are not rerun)", file=sys.stderr)
             return 1
         log_confirmation(plan.tracking_uri, parent, table, serving)
-        summary = summarise(plan, table, teacher_speed, session, parent)
+        summary = summarise(plan, table, teacher_speed, session, parent, concurrent)
         picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
         registry = _register(plan, table, picked)
         cards = export_cards(picked, os.path.join(plan.local_dir, "cards"), job, mlflow_info, registry=registry)
@@ -200,10 +209,12 @@ def _trials(grid, children: pd.DataFrame) -> dict:
     is in both; this process's callback may never have seen it."""
     trials = {}
     for _, run in children.iterrows():
-        wall = (run["end_time"] - run["start_time"]).total_seconds() if run["status"] != "RUNNING" else None
+        ended = run["status"] != "RUNNING"
+        wall = (run["end_time"] - run["start_time"]).total_seconds() if ended else None
         trials[run["tags.sit.trial_id"]] = {
             "number": int(run["tags.sit.trial_number"]), "config": json.loads(run["tags.sit.point"]),
-            "run_id": run["run_id"], "wall_s": wall, "error": None, "checkpoint": None,
+            "run_id": run["run_id"], "wall_s": wall, "started_s": run["start_time"].timestamp(),
+            "ended_s": run["end_time"].timestamp() if ended else None, "error": None, "checkpoint": None,
             "stopped": run.get("tags.sit.stopped_early") == "true"}
     by_config = {json.dumps(t["config"], sort_keys=True): tid for tid, t in trials.items()}
     for r in grid:
@@ -215,22 +226,48 @@ def _trials(grid, children: pd.DataFrame) -> dict:
     return trials
 
 
-def _tuner(plan, job, trainable, concurrent: int, logger: TrialRunLogger, retries: int = 0) -> tune.Tuner:
+def _never_stopped(trial_id: str) -> bool:
+    return False
+
+
+def make_searcher(plan, scheduler: ParetoASHA | None = None):
+    """Optuna through its ask/tell API; metric and mode ONLY on the searcher (on TuneConfig too they
+    would make Tune's search single-objective). A callable: the study (and the warm starts it
+    enqueues) is made only when a new sweep starts, never on --resume."""
+    def build() -> ParetoOptunaSearch:
+        space = SearchSpace.for_job(plan.job, plan.reducers)
+        return ParetoOptunaSearch(
+            space, metric=list(plan.objectives), mode=list(plan.objectives.values()),
+            points_to_evaluate=warm_starts(plan.job, space) if plan.warm_start else None,
+            sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name, storage=plan.optuna_storage,
+            stopped_early=scheduler.stopped_early if scheduler else None)
+    return build
+
+
+def make_scheduler(plan) -> ParetoASHA | None:
+    """MO-ASHA over the sweep's objectives at the validation top-1 reached after each rung's epochs
+    (latency is known before training); its decisions are written through beside the Optuna study
+    (the driver's local dir, published to --out with it)."""
+    if plan.scheduler == "none":
+        return None
+    rungs = ParetoRungs.geometric(plan.grace, plan.eta, plan.job.train.epochs, list(plan.objectives.values()))
+    return ParetoASHA(rungs, metrics=list(plan.objectives), time_attr="epoch",
+                      state_path=os.path.join(plan.local_dir, SCHEDULER_STATE))
+
+
+def _tuner(plan, trainable, concurrent: int, logger: TrialRunLogger, retries: int = 0, *, searcher,
+           scheduler: ParetoASHA | None) -> tune.Tuner:
     path = os.path.join(plan.storage, plan.name)
     if plan.resume:
+        # Tune restores its own searcher, scheduler and callbacks (pickled when the sweep started);
+        # the scheduler merges the decisions it wrote through since, the searcher reads the study.
         print(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)
-    space = SearchSpace.for_job(job, plan.reducers)
-    searcher = ParetoOptunaSearch(
-        space=space, metric=list(plan.objectives), mode=list(plan.objectives.values()),  # ONLY on the searcher
-        points_to_evaluate=warm_starts(job, space) if plan.warm_start else None,
-        sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name,
-        storage=optuna.storages.RDBStorage(plan.optuna_storage))
     return tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=plan.trials, max_concurrent_trials=concurrent,
-                                    reuse_actors=True),
+        tune_config=tune.TuneConfig(search_alg=searcher(), scheduler=scheduler, num_samples=plan.trials,
+                                    max_concurrent_trials=concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
                                   # preempted (drained) nodes are never counted: `retries` covers spot
                                   # nodes reclaimed without notice (cluster.SPOT_TRIAL_RETRIES)
@@ -294,7 +331,7 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -> dict:
+def summarise(plan, table, teacher_speed: dict, session: Session, parent: str, concurrent: int) -> dict:
     """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front.
     Latency is the measured one where the front was confirmed (and the teacher's is the one measured
     beside it); the returned `search_reference` is in the search's own terms (Optuna's study)."""
@@ -331,17 +368,20 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str) -
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
-    n_failed = int(table["status"].eq("failed").sum())
+    n_failed, n_stopped = int(table["status"].eq("failed").sum()), int(table["status"].eq("stopped").sum())
     # n_pareto is part of the hypervolume history (one point per trial): not repeated as a summary
     tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, html, hv_csv], history, metrics={
-        "n_trials": len(table), "n_failed": n_failed, "teacher_top1": teacher["top1"],
+        "n_trials": len(table), "n_failed": n_failed, "n_stopped": n_stopped,
+        "overhead_share": results.overhead_total(table), "teacher_top1": teacher["top1"],
         "teacher_latency_ms": teacher_speed["latency_ms"],
         "teacher_latency_predicted_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"]),
         "n_confirmed": int(table[latency_col].notna().sum()) if confirmed else 0})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
     print(f"\nPareto front{' (measured latency)' if confirmed else ''}: {int(table['pareto'].sum())} of {len(table)} "
-          f"trials ({n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
+          f"trials ({n_stopped} stopped early, {n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
+    print(results.overhead_summary(table))
+    print(results.slot_use_summary(table, concurrent))
     print(f"table {csv}\nplots {png} {html}\nhypervolume history {hv_csv}")
     return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference,
             "search_reference": search_reference}

@@ -60,27 +60,32 @@ class TrialReport:
     constraints, the latency (known before training) and the time spent working. Picklable: the
     Train workers of a multi-worker trial apply it too, before `ray.train.report`."""
 
-    def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int):
+    def __init__(self, latency: dict, constraints: Constraints, schedule: str, full_epochs: int,
+                 started: Optional[float] = None):
         self.latency, self.constraints = latency, constraints
         self.static = {**latency, "schedule": schedule, "full_epochs": full_epochs,
                        "trial_node": ray.get_runtime_context().get_node_id()}
-        self.t_start, self.work_s = time.time(), float(latency.get("latency_s", 0.0))
+        # `trial_wall_s` from when the trial function started (latency included, like `work_s`)
+        self.t_start, self.work_s = started or time.time(), float(latency.get("latency_s", 0.0))
 
     def __call__(self, metrics: dict) -> dict:
         top1, latency_ms = metrics.get("val_top1", float("nan")), self.latency["latency_ms"]
         self.work_s += metrics.get("train_s", 0.0) + metrics.get("eval_s", 0.0)
-        return {**metrics, **self.static, "top1": top1,
-                "constraint_violation": list(self.constraints.violation(top1, latency_ms)),
-                "feasible": self.constraints.feasible(top1, latency_ms),
-                "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start,
-                "reported_at": time.time()}  # the MLflow timestamp of this report (trial_logger.REPORTED_AT)
+        report = {**metrics, **self.static, "top1": top1, "feasible": self.constraints.feasible(top1, latency_ms),
+                  "work_s": self.work_s, "trial_wall_s": time.time() - self.t_start,
+                  "reported_at": time.time()}  # the MLflow timestamp of this report (trial_logger.REPORTED_AT)
+        if self.constraints.max_latency_ms is not None or self.constraints.min_top1 is not None:
+            # only a sweep with constraints tells them: zeros would cost GPSampler two needless models
+            report["constraint_violation"] = list(self.constraints.violation(top1, latency_ms))
+        return report
 
 
 def run_trial(config: dict, ctx: SweepContext) -> None:
+    started = time.time()
     job = apply_point(ctx.base_job, config)
     t0 = time.perf_counter()
     latency = {**ctx.latency(job.model), "latency_s": time.perf_counter() - t0}
-    extend = TrialReport(latency, ctx.constraints, str(job.model.schedule), job.train.epochs)
+    extend = TrialReport(latency, ctx.constraints, str(job.model.schedule), job.train.epochs, started=started)
     if ctx.in_process:
         final = _train_here(job, ctx, extend)
     else:
@@ -108,18 +113,22 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     test = eval_loader(splits.test, EVAL_BATCH, cpus=cpus, pin_memory=pin)
     task = distill_task(job, ray.get(ctx.teacher[0]), splits.train)
     trainer = Trainer(task, job.train, steps_per_epoch=steps_per_epoch(job.train, len(loader)), device=device)
-    start_epoch = _restore(tune.get_checkpoint(), trainer)
-    if start_epoch >= job.train.epochs:
-        # stopped (a reclaimed node, a killed driver) after its last checkpoint but before Tune saw it
-        # end: its last report already holds the final metrics; there is nothing left to train
-        return {"status": "ok", "resumed_from_epoch": start_epoch}
-    last: dict = {}
+    start_epoch, last = _restore(tune.get_checkpoint(), trainer)
+    if start_epoch >= job.train.epochs or last.get("status", "ok") != "ok":
+        # Restored from the checkpoint of its last report (a reclaimed node, or a driver killed before
+        # Tune saw the trial end): nothing left to train, tell Tune that report again so the trial
+        # ends with it (searcher and scheduler see its final values).
+        if not last:  # a checkpoint written before reports were kept in it: Tune's last result stands
+            return {"status": "ok", "resumed_from_epoch": start_epoch}
+        last = {**last, "resumed_from_epoch": start_epoch}
+        tune.report(last)
+        return last
 
     def report(metrics: dict, is_last: bool) -> None:
         nonlocal last
         last = extend({**metrics, "resumed_from_epoch": start_epoch})
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({**trainer.state_dict(), "epoch": metrics["epoch"]}, os.path.join(tmp, STATE_FILE))
+            torch.save({**trainer.state_dict(), "epoch": metrics["epoch"], "report": last}, os.path.join(tmp, STATE_FILE))
             torch.save(task.inference_model.state_dict(), os.path.join(tmp, MODEL_FILE))
             tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
@@ -128,10 +137,11 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
     return last
 
 
-def _restore(checkpoint: Optional[tune.Checkpoint], trainer: Trainer) -> int:
+def _restore(checkpoint: Optional[tune.Checkpoint], trainer: Trainer) -> tuple[int, dict]:
+    """(epochs already trained, the report that checkpoint was made with) -- (0, {}) for a new trial."""
     if checkpoint is None:
-        return 0
+        return 0, {}
     with checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
     trainer.load_state_dict(state)
-    return int(state["epoch"])
+    return int(state["epoch"]), dict(state.get("report") or {})

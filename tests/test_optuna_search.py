@@ -1,10 +1,13 @@
-"""ParetoOptunaSearch without a Ray cluster: Tune's searcher protocol (`suggest` / `on_trial_complete`)
-driven by hand over a define-by-run space and a SQLite RDBStorage, as `sweeps.sweep` sets it up.
+"""ParetoOptunaSearch without a Ray cluster: Tune's searcher protocol (`suggest` / `on_trial_complete`
+/ `save` / `restore`) driven by hand over a define-by-run space and a SQLite RDBStorage, as
+`sweeps.sweep` sets it up.
 
 What must hold: failed trials (error, or objectives missing / non-finite) are FAIL in the study
-(Ray's own OptunaSearch tells them COMPLETE or leaves them RUNNING); constraint violations reach
-Optuna, so `study.best_trials` never holds an infeasible trial; and Optuna's front equals
-`sweeps.pareto_front.pareto_mask` over the same table (the sweep prints that they agree).
+(Ray's own OptunaSearch tells them COMPLETE or leaves them RUNNING); trials stopped before their
+full budget are PRUNED with their last values; constraint violations reach Optuna, so
+`study.best_trials` never holds an infeasible trial; Optuna's front equals
+`sweeps.pareto_front.pareto_mask` over the same table (the sweep prints that they agree); and a
+driver restored from an older checkpoint never raises on a trial the study already finished.
 """
 from __future__ import annotations
 
@@ -44,9 +47,9 @@ def make_searcher(job, url, *, sampler="tpe", study_name="s", warm=False, reduce
 
 
 def ok(top1, latency, violation=(0.0, 0.0), **extra):
-    """A final trial result as `sweeps.trial.run_trial` reports it."""
+    """A final trial result as `sweeps.trial.run_trial` reports it (full budget unless `epoch` says)."""
     return {"top1": top1, "latency_ms": latency, "constraint_violation": list(violation),
-            "feasible": all(v <= 0 for v in violation), "status": "ok", **extra}
+            "feasible": all(v <= 0 for v in violation), "status": "ok", "epoch": 4, "full_epochs": 4, **extra}
 
 
 # trial id -> (result, error). Infeasible rows are chosen to dominate feasible ones, so a searcher
@@ -247,16 +250,17 @@ def test_searcher_checkpoint_round_trip(job, tmp_path):
     assert {t.user_attrs[TUNE_ID_ATTR] for t in study.best_trials} == {"a", "d"}
 
 
-@pytest.mark.parametrize("name, cls", [("tpe", optuna.samplers.TPESampler),
-                                       ("nsga2", optuna.samplers.NSGAIISampler),
-                                       ("random", optuna.samplers.RandomSampler)])
-def test_make_sampler(name, cls, job, tmp_path):
+@pytest.mark.parametrize("name, cls, rounds", [("tpe", optuna.samplers.TPESampler, 14),
+                                               ("nsga2", optuna.samplers.NSGAIISampler, 14),
+                                               ("random", optuna.samplers.RandomSampler, 14),
+                                               ("gp", optuna.samplers.GPSampler, 7)])
+def test_make_sampler(name, cls, rounds, job, tmp_path):
     assert isinstance(make_sampler(name, 0), cls)
     # every sampler drives the define-by-run space through a few completed rounds, with constraints
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     searcher = make_searcher(job, url, sampler=name, reducers=("tsm", "drop", "merge"))
     rng = np.random.default_rng(1)
-    for i in range(14):
+    for i in range(rounds):
         config = searcher.suggest(f"{name}{i}")
         assert config["reducer"] in ("tsm", "drop", "merge")
         search_spaces.apply_point(job, config)
@@ -270,3 +274,70 @@ def test_make_sampler(name, cls, job, tmp_path):
 def test_make_sampler_rejects_unknown():
     with pytest.raises(ValueError, match="not one of"):
         make_sampler("cmaes", 0)
+
+
+def test_trials_stopped_early_are_pruned_with_their_last_values(job, tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(job, url)
+    for tid in ("full", "stopped", "stopped-infeasible"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("full", ok(70.0, 5.0))
+    searcher.on_trial_complete("stopped", ok(90.0, 1.0, epoch=1))         # stopped at the first rung
+    searcher.on_trial_complete("stopped-infeasible", ok(95.0, 0.5, violation=(2.0, 0.0), epoch=2))
+    study = optuna.load_study(study_name="s", storage=url)
+    trials = by_tune_id(study)
+    assert trials["full"].state == TS.COMPLETE
+    for tid, values, epoch in (("stopped", [90.0, 1.0], 1), ("stopped-infeasible", [95.0, 0.5], 2)):
+        t = trials[tid]
+        assert t.state == TS.PRUNED and t.values is None
+        assert t.user_attrs["last_values"] == values and t.user_attrs["last_epoch"] == epoch
+    assert trials["stopped-infeasible"].constraints["latency_budget"] == 2.0  # samplers rank it infeasible
+    # the stopped trials dominate the full one, but only full-budget trials can be on the front
+    assert [t.user_attrs[TUNE_ID_ATTR] for t in study.best_trials] == ["full"]
+
+
+def test_a_restored_driver_never_retells_a_finished_trial(job, tmp_path):
+    """The kill of issue 11: Tune's saved state (and the searcher's checkpoint) is older than the
+    study. The restored searcher finds its trials by their Tune ids in the study, ignores the ones
+    the study already finished, finishes the others, and asks on; warm starts are not enqueued twice."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(job, url, warm=True)
+    n_warm = len(search_spaces.warm_starts(job, search_spaces.SearchSpace.for_job(job)))
+    at_start = pickle.dumps(searcher)                       # Tune's tuner.pkl: the searcher before any trial
+    searcher.suggest("a")
+    checkpoint = tmp_path / "searcher-state.pkl"
+    searcher.save(str(checkpoint))                          # Tune's last experiment checkpoint: only "a" exists
+    searcher.suggest("b")
+    searcher.on_trial_complete("a", ok(70.0, 5.0))
+    searcher.on_trial_complete("b", ok(72.0, 6.0, epoch=1))  # b stopped early: PRUNED
+    del searcher                                            # kill -9
+
+    restored = pickle.loads(at_start)
+    restored.restore(str(checkpoint))
+    restored.on_trial_complete("a", ok(1.0, 99.0))          # re-run after the restore: the study keeps its value
+    restored.on_trial_complete("b", ok(80.0, 4.0))          # already PRUNED: left alone
+    assert restored.suggest("a") == restored.suggest("a")   # asked again: the same point, no new trial
+    restored.suggest("c")
+    restored.on_trial_complete("c", ok(75.0, 5.5))
+    study = optuna.load_study(study_name="s", storage=url)
+    trials = by_tune_id(study)
+    assert n_warm <= 3 and len(study.trials) == 3 and set(trials) == {"a", "b", "c"}  # no warm start enqueued twice
+    assert trials["a"].values == [70.0, 5.0] and trials["b"].state == TS.PRUNED
+    assert trials["c"].state == TS.COMPLETE
+
+
+def test_a_trial_the_scheduler_stopped_is_pruned_even_at_full_budget(job, tmp_path):
+    """A stop is final: a resumed sweep may run a stopped trial to its end (Tune's older state had it
+    running); the scheduler still says stopped, so Optuna records PRUNED like MLflow's KILLED."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    space = search_spaces.SearchSpace.for_job(job)
+    stopped = {"s"}
+    searcher = ParetoOptunaSearch(space, metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()),
+                                  sampler=make_sampler("random", 0), study_name="s", storage=url,
+                                  stopped_early=stopped.__contains__)
+    for tid in ("s", "t"):
+        searcher.suggest(tid)
+        searcher.on_trial_complete(tid, ok(80.0, 2.0))  # both at full budget
+    trials = by_tune_id(optuna.load_study(study_name="s", storage=url))
+    assert trials["s"].state == TS.PRUNED and trials["s"].user_attrs["last_values"] == [80.0, 2.0]
+    assert trials["t"].state == TS.COMPLETE

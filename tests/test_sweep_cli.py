@@ -33,6 +33,8 @@ BAD = {
     "speed-device": (["--speed-device", "gpu"], "speed device 'gpu' must be cpu or cuda"),
     "speed-dtype": (["--speed-dtype", "int8"], "speed dtype 'int8' must be float32, bfloat16 or float16"),
     "latency-resource-empty": (["--latency-resource", " "], "--latency-resource needs the name of a Ray resource"),
+    "eta-one": (["--eta", "1"], "--eta 1 must be > 1"),
+    "grace-past-budget": (["--grace", "2"], "--grace 2 leaves no rung below the 2 training epochs"),
 }
 
 
@@ -122,6 +124,9 @@ def test_resume_of_an_existing_sweep_is_required(dirs):
                                          (["--min-top1", "nan"], "'nan' is not a finite number"),
                                          (["--sampler", "cmaes"], "argument --sampler: invalid choice: 'cmaes'"),
                                          (["--latency", "guess"], "argument --latency: invalid choice: 'guess'"),
+                                         (["--scheduler", "asha"], "argument --scheduler: invalid choice: 'asha'"),
+                                         (["--grace", "0"], "argument --grace: 0 must be >= 1"),
+                                         (["--eta", "inf"], "argument --eta: 'inf' is not a finite number"),
                                          (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
                                          (["--bogus"], "unrecognized arguments: --bogus")])
 def test_argparse_errors(args, error, dirs, capsys, monkeypatch):
@@ -148,7 +153,7 @@ def test_help_documents_every_option(dirs):
     for option in ("--trials", "--concurrent", "--sampler", "--objectives", "--reducers", "--max-latency-ms",
                    "--min-top1", "--no-warm-start", "--resume", "--name", "--tracking-uri", "--out", "--export",
                    "--seed", "--smoke-test", "--preset", "--data", "--teacher-checkpoint", "--workers", "--gpu",
-                   "--cpus-per-worker", "--address", "--config", "--print-config"):
+                   "--cpus-per-worker", "--address", "--config", "--print-config", "--scheduler", "--grace", "--eta"):
         assert option in text, option
     sys.path.insert(0, str(ROOT))
     from sweeps.pareto import build_parser
@@ -156,7 +161,11 @@ def test_help_documents_every_option(dirs):
         if action.option_strings and action.dest != "help":
             assert action.help, action.option_strings
             assert all(o in text for o in action.option_strings)
-    assert "tpe" in text and "nsga2" in text and "budget:" in text and "--resume" in text
+    assert "tpe" in text and "nsga2" in text and "gp" in text and "moasha" in text and "budget:" in text
+    from sweeps.cli import SAMPLERS
+    from sweeps.optuna_search import make_sampler
+    assert [type(make_sampler(name, 0)).__name__ for name in SAMPLERS] == [
+        "TPESampler", "NSGAIISampler", "RandomSampler", "GPSampler"], "every sampler offered can be built"
     assert not any((tmp_path / "cwd").iterdir())
 
 
@@ -171,6 +180,7 @@ def test_plan_defaults(dirs, monkeypatch):
         ["--smoke-test", "--out", str(out), "--reducers", " tsm , merge ", "--objectives", "top1,latency_ms,gmacs",
          "--export", "budget:12.5"]))
     assert plan.trials == 3 and plan.reducers == ("tsm", "merge") and plan.warm_start
+    assert (plan.scheduler, plan.grace, plan.eta) == ("moasha", 1, 3.0)  # early stopping is on by default
     assert plan.objectives == {"top1": "max", "latency_ms": "min", "gmacs": "min"}
     assert plan.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert plan.name == "pareto-fmnist-cpu-smoke" and plan.out == str(out.resolve())
@@ -180,3 +190,9 @@ def test_plan_defaults(dirs, monkeypatch):
     assert not out.exists()
     full = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out)]))
     assert full.trials == pareto.DEFAULT_TRIALS and full.name == "pareto-fmnist-cpu"
+    from sweeps.sweep import make_scheduler
+    assert make_scheduler(full).rungs.rungs == [1, 3]  # fmnist-cpu trains 4 epochs: decide after 1 and 3
+    none = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out), "--scheduler", "none", "--grace", "9"]))
+    assert make_scheduler(none) is None  # --grace is not checked when nothing schedules
+    # early stopping starts more candidates in the same time; without it, fewer train to the end
+    assert (full.trials, none.trials) == (pareto.DEFAULT_TRIALS, pareto.DEFAULT_TRIALS_FULL_BUDGET) == (16, 6)

@@ -33,8 +33,13 @@ def teacher_state(job):
     return job.model.build_teacher().state_dict()
 
 
+def paper_start_job():
+    """The paper's random TSM start: the task needs no training set to build."""
+    return override(tiny_job(), {"train.tsm_init": "random"})
+
+
 def test_one_distillation_step_lowers_the_loss_and_leaves_the_teacher_frozen():
-    job = tiny_job()
+    job = paper_start_job()
     task = distill_task(job, teacher_state(job))
     trainer = Trainer(task, override(job, {"train.lr": 1e-3}).train, steps_per_epoch=1, device="cpu")
     x, y = next(iter(batches()))
@@ -51,7 +56,7 @@ def test_one_distillation_step_lowers_the_loss_and_leaves_the_teacher_frozen():
 
 
 def test_every_group_ends_its_cosine_at_min_lr_and_the_rtsm_group_starts_5x():
-    job = override(tiny_job(), {"train.epochs": 3, "train.cooldown_epochs": 1, "train.lr": 1e-3, "train.min_lr": 1e-5})
+    job = override(paper_start_job(), {"train.epochs": 3, "train.cooldown_epochs": 1, "train.lr": 1e-3, "train.min_lr": 1e-5})
     task = distill_task(job, teacher_state(job))
     trainer = Trainer(task, job.train, steps_per_epoch=10, device="cpu")
     lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
@@ -107,7 +112,7 @@ def test_label_smoothing_and_mixup_train_on_soft_targets():
 
 
 def test_resuming_from_a_state_dict_equals_not_stopping():
-    job = override(tiny_job(), {"train.epochs": 2, "train.lr": 1e-3})
+    job = override(paper_start_job(), {"train.epochs": 2, "train.lr": 1e-3})
     state = teacher_state(job)
 
     def trainer():
@@ -131,7 +136,7 @@ def test_resuming_from_a_state_dict_equals_not_stopping():
 
 
 def test_a_non_finite_loss_stops_the_epoch_and_says_where():
-    job = tiny_job()
+    job = paper_start_job()
     state = {k: torch.full_like(v, float("nan")) if k == "head.weight" else v for k, v in teacher_state(job).items()}
     trainer = Trainer(distill_task(job, state), job.train, steps_per_epoch=4, device="cpu")
     reports = []
@@ -158,7 +163,8 @@ def test_top1_counts_correct_predictions():
 def test_tsm_pool_warm_start_is_fitted_on_the_same_batch_every_time():
     from sit_core.data import load_splits
 
-    job = override(tiny_job(), {"train.tsm_init": "pool"})
+    job = tiny_job()  # the default start: pooling
+    assert job.train.tsm_init == "pool"
     state = teacher_state(job)
     train_set = load_splits(job.data).train
     def task(j, data=None):  # every DDP rank seeds the same way before it builds the task
