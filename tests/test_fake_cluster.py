@@ -82,7 +82,12 @@ def sweep_on_fake_cluster():
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "sweeps" / "pareto.py"), "--config", config, "--gpu", "--trials", "3",
                  "--teacher-checkpoint", teacher, "--address", cluster.address, "--cluster-config", cluster.config_path,
-                 "--out", f"file://{out}", "--shared-out", "--latency-resource", "inference_cpu"], cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
+                 "--out", f"file://{out}", "--shared-out", "--latency-resource", "inference_cpu",
+                 # every trial trains all 3 epochs: a trial MO-ASHA stops after epoch 1 could end between being
+                 # caught mid-run and being frozen, and the checkpoint checks below count 3 epochs
+                 "--scheduler", "none",
+                 # the fake nodes' raylets do not inherit SIT_CACHE_DIR: the table goes to shared storage, as on a cluster
+                 "--latency-table-dir", os.path.join(tmp, "shared", "latency")], cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
                 start_new_session=True)
         try:
             deadline = time.time() + TIMEOUT
@@ -159,6 +164,7 @@ def test_latency_is_timed_on_the_serving_node_type_never_where_trials_train(swee
     assert run["rc"] == 0, run["log"][-6000:]
     assert "(chosen by resource 'inference_cpu')" in run["log"] and "latency table: built in" in run["log"]
     out = run["out"]
+    assert len(glob.glob(os.path.join(os.path.dirname(out), "latency", "*.json"))) == 1  # where the sweep said
     from mlflow import MlflowClient
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("sit-pareto")
