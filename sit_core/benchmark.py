@@ -5,9 +5,9 @@
     python -m sit_core.benchmark --threads 8 --csv results/deit_speed.csv
 
 Builds DeiT-S (timm's own, the baseline), its FLOP-matched slimmed versions (TSMs / top-k drop /
-merging after blocks 3, 6, 9 keeping 0.7: SPEC's peer schedule), DeiT-T and SiT-DeiT-T, all with
+merging after blocks 3, 6, 9 keeping 0.7: docs/method.md "Peers"), DeiT-T and SiT-DeiT-T, all with
 random weights (speed does not depend on them), and times them interleaved round-robin with
-sit_core.measure.compare. Prints GMACs, params, img/s, measured speedup, FLOPs-predicted speedup
+sit_core.speed.compare. Prints GMACs, params, img/s, measured speedup, FLOPs-predicted speedup
 and their ratio; the TSMs' share of SiT-DeiT-S's forward time; the protocol; and whether the
 target holds: SiT-DeiT-S vs DeiT-S, fp32, batch 64, measured speedup >= 0.9 x FLOPs-predicted.
 
@@ -97,6 +97,25 @@ def build_models() -> tuple[dict[str, torch.nn.Module], list[str]]:
     return models, notes
 
 
+def speed_table(models: dict, records: dict, baseline_of: dict, img_size: int):
+    """One row per model: MACs, params, img/s, p50, measured speed-up over its baseline, the speed-up its
+    MACs predict, and their ratio (`efficiency`: 1.0 when every MAC saved became speed)."""
+    import pandas as pd
+
+    from sit_core.flops import count_macs, count_params
+    from sit_core.speed import speedup
+
+    macs = {n: count_macs(m, img_size) for n, m in models.items()}
+    rows = []
+    for n in models:
+        base = baseline_of[n]
+        measured, predicted = speedup(records, n, base), macs[base] / macs[n]
+        rows.append({"name": n, "baseline": base, "params_m": count_params(models[n]) / 1e6, "gmacs": macs[n] / 1e9,
+                     "img_s": records[n].img_s, "p50_ms": records[n].p50_ms, "p90_ms": records[n].p90_ms,
+                     "speedup": measured, "flops_speedup": predicted, "efficiency": measured / predicted})
+    return pd.DataFrame(rows)
+
+
 def format_table(df) -> str:
     cols = ["name", "gmacs", "params_m", "img_s", "p50_ms", "speedup", "flops_speedup", "efficiency", "baseline"]
     out = df[cols]
@@ -125,8 +144,9 @@ def target_line(df, *, batch: int, dtype: str) -> tuple[str, bool | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from sit_core.measure import compare, count_macs, module_macs, module_time_share
+    from sit_core.flops import count_macs, module_macs
     from sit_core.slimming import TokenSlimming
+    from sit_core.speed import compare, module_time_share
 
     dtype = getattr(torch, args.dtype)
     models, notes = build_models()
@@ -139,10 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cannot run: baseline {TARGET_BASELINE} missing", file=sys.stderr)
         return 2
 
-    df = compare(models, TARGET_BASELINE, baseline_of=baseline_of, batch_size=args.batch, img_size=IMG_SIZE,
-                 device=args.device, dtype=dtype, warmup=args.warmup, iters=args.iters, rounds=args.rounds,
-                 threads=args.threads)
-    records = df.attrs["records"]
+    records = compare(models, batch_size=args.batch, img_size=IMG_SIZE, device=args.device, dtype=dtype,
+                      warmup=args.warmup, iters=args.iters, rounds=args.rounds, threads=args.threads)
+    df = speed_table(models, records, baseline_of, IMG_SIZE)
     print(format_table(df))
     print("speedup = img/s over the 'vs' model's, measured; FLOPs-pred = its MACs / this model's MACs; "
           "ratio = speedup / FLOPs-pred (1.0: every MAC saved became speed)")

@@ -51,7 +51,7 @@ def write_card(path: PathLike, *, name: str, job: DistillJob,
 
     Give the inference student's weights as `state_dict` (saved as `<name>.pt`) or as an existing
     `weights_path` (copied to `<name><suffix>`; .pt/.pth/.bin or .safetensors). `speed` is a dict
-    or a `measure.SpeedRecord`. `extra` is stored as is under `extra:`. Returns the card's path.
+    or a `speed.SpeedRecord`. `extra` is stored as is under `extra:`. Returns the card's path.
     """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"card name {name!r} must be a plain file name: letters, digits, '.', '_', '-'")
@@ -235,7 +235,7 @@ def _metrics(metrics: Mapping[str, Any]) -> dict:
 
 
 def _speed(speed: Any) -> dict:
-    """A speed record as a dict; a `measure.SpeedRecord` also contributes its protocol sentence."""
+    """A speed record as a dict; a `speed.SpeedRecord` also contributes its protocol sentence."""
     if isinstance(speed, Mapping):
         return dict(speed)
     if hasattr(speed, "to_dict"):

@@ -68,6 +68,8 @@ JOB_FLAGS = {
     "--speed-batch": ("speed.batch_size", positive_int, "batch size latency is modelled and measured at "
                                                        "(1: online serving, 64: throughput)"),
     "--speed-threads": ("speed.threads", positive_int, "CPU threads for latency (default: the preset's)"),
+    "--speed-device": ("speed.device", str, "device the model serves on: cpu | cuda (default: the preset's)"),
+    "--speed-dtype": ("speed.dtype", str, "serving dtype: float32 | bfloat16 | float16 (autocast)"),
 }
 
 

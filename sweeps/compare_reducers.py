@@ -35,7 +35,7 @@ from sit_core.presets import PRESETS, get_preset
 from sweeps.cli import doc_parser
 
 # Same positions for every arm; the peers' keep ratio matches SiT's MACs on the fmnist-cpu ViT
-# (sit_core.measure.count_macs: 1.69x vs 1.69x, 3.48x vs 3.52x).
+# (sit_core.flops.count_macs: 1.69x vs 1.69x, 3.48x vs 3.52x).
 SCHEDULES = {"1.7x": {"tsm": "2,4@0.5", "peer": "2,4@0.62"},
              "3.5x": {"tsm": "1,2,3@0.35", "peer": "1,2,3@0.53"}}
 ARMS = {  # name -> (reducer, schedule suffix, job changes)
@@ -58,7 +58,7 @@ def arm_job(base: DistillJob, arm: str, schedule: str, budget: int, seed: int) -
 
 def run_one(job: DistillJob, teacher_state: dict, threads: int) -> dict:
     """Distil `job` in this process with the project's training code; its final metrics."""
-    from sit_core.measure import count_macs
+    from sit_core.flops import count_macs
     from sit_core.train import local_trainer, run_epochs
 
     trainer, loader, splits = local_trainer(job, teacher_state, threads=threads)
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         p.exit(2, f"{p.prog}: error: {e}\n")
 
     from sit_core import teachers
-    from sit_core.measure import count_macs
+    from sit_core.flops import count_macs
     from sit_core.train import local_trainer
 
     base = get_preset(args.preset)

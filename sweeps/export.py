@@ -6,7 +6,8 @@
     python sweeps/export.py --out runs/pareto --pick knee --formats pt2,onnx   # + deployable files
 
 The trial table is rebuilt from the sweep's MLflow runs with the sweep's own objectives and
-constraints (recorded on its parent run), so the picks are the sweep's. Each card embeds the whole
+constraints (recorded on its parent run), so the picks are the sweep's: on measured latency where
+the sweep confirmed its front, and never a candidate measured no faster than its teacher. Each card embeds the whole
 job (`sit_core.card_job` gives it back), the measured accuracy and speed, the MLflow run, model and
 registered version, and the weights (the same file, by sha256, as the card in the run's MLflow
 model); `sit_core.load_card(path)` rebuilds the model. The picks are registered in MLflow's Model
@@ -38,6 +39,10 @@ from sweeps.faults import kill_point
 from sweeps.pareto_front import Constraints
 from sweeps.train_loop import MODEL_FILE
 from sweeps.trial_model import card_fields, card_name, example_input
+
+
+MEASURED_TAGS = ("latency_measured_ms", "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms", "speedup_measured",
+                 "teacher_latency_measured_ms")
 
 
 def latency_column(table: pd.DataFrame) -> str:
@@ -86,9 +91,19 @@ def register(table: pd.DataFrame, picked: pd.DataFrame, pick: str, objectives: M
     aliases = {alias: table.loc[i, "run_id"] for alias, i in alias_rows(table, pick, objectives).items()}
     versions = mlflow_models.register_picks(tracking_uri, name, picked["run_id"].tolist(), aliases,
                                             description="Picks of SiT Pareto sweep "
-                                                        f"{name!r}: load with sit_core.load_card('models:/{name}@knee')")
+                                                        f"{name!r}: load with sit_core.load_card('models:/{name}@knee')",
+                                            tags=measured_tags(table[table["run_id"].isin(
+                                                [*picked["run_id"], *aliases.values()])]))
     return {run_id: {"registered_model": name, "version": version,
                      "aliases": [a for a, r in aliases.items() if r == run_id]} for run_id, version in versions.items()}
+
+
+def measured_tags(rows: pd.DataFrame) -> dict:
+    """run id -> the confirmation's measurements as model version tags: the card inside a logged model
+    was written when its trial finished, before the sweep measured its front."""
+    cols = [c for c in MEASURED_TAGS if c in rows]
+    return {row["run_id"]: {f"sit.{c}": f"{float(row[c]):.6g}" for c in cols if pd.notna(row[c])}
+            for _, row in rows.iterrows() if isinstance(row["run_id"], str)}
 
 
 def export_cards(rows: pd.DataFrame, cards_dir: str, base_job: DistillJob, mlflow_info: Mapping,

@@ -94,9 +94,11 @@ def budget_alias(budget_ms: float) -> str:
 
 
 def register_picks(tracking_uri: str, name: str, run_ids: list[str], aliases: Mapping[str, str],
-                   description: str = "") -> dict[str, int]:
+                   description: str = "", tags: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, int]:
     """Register the logged models of ``run_ids`` and of the ``aliases``' runs as versions of ``name``
-    (created if missing), then point each ``alias -> run id`` at its run's version.
+    (created if missing), then point each ``alias -> run id`` at its run's version. ``tags``
+    (run id -> {key: value}) are set on the run's version, new or not: what was learnt after the
+    model was logged (the latency measured when the sweep confirmed its front).
 
     Returns ``{run_id: version}``. Idempotent: a run registered before keeps its version; setting an
     alias again moves it.
@@ -123,6 +125,10 @@ def register_picks(tracking_uri: str, name: str, run_ids: list[str], aliases: Ma
         version = client.create_model_version(name, source=found.artifact_location, run_id=run_id,
                                               model_id=found.model_id, tags={RUN_TAG: run_id})
         registered[run_id] = int(version.version)
+    for run_id, version_tags in (tags or {}).items():
+        for key, value in version_tags.items():
+            if run_id in registered:
+                client.set_model_version_tag(name, str(registered[run_id]), key, str(value))
     for alias, run_id in aliases.items():
         client.set_registered_model_alias(name, alias, str(registered[run_id]))
     return {run_id: registered[run_id] for run_id in dict.fromkeys([*run_ids, *aliases.values()])}

@@ -10,7 +10,13 @@
         --workers 4 --gpu --out /mnt/shared/runs/deit-s --tracking-uri http://HEAD:5000   # on a cluster
 
 Every trial distils one sampled candidate (schedule, keep ratios, loss weights, lr) from the
-teacher and reports validation top-1 every epoch with the candidate's latency. Objectives default
+teacher and reports validation top-1 every epoch with the candidate's latency: predicted by a
+latency table of the backbone measured once on the serving hardware (--latency model, the
+default), or timed end to end per trial (--latency measure). At the end the front and the trials
+within 5% of it are timed end to end, interleaved with the teacher, and the front is recomputed on
+those measurements; a candidate measured no faster than the teacher is never exported. Latency is
+timed where the model will serve: this node's CPU, a GPU (--speed-device cuda), or the node that
+advertises --latency-resource (e.g. inference_cpu, cluster.yaml's serving node). Objectives default
 to maximising validation top-1 and minimising latency; trials over --max-latency-ms or under
 --min-top1 are infeasible and never on the front. Early stopping (MO-ASHA, on by default): after
 --grace epochs and then every --eta times as many, a trial goes on only if it is in the top 1/eta
@@ -101,6 +107,15 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the sweep of this --out/--name")
     p.add_argument("--export", default="front", help="cards to write: front | knee | budget:<ms> (default: front)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
+    p.add_argument("--latency", default="model", choices=("model", "measure"),
+                   help="trials' latency: predicted from a per-device latency table built once per sweep (model), "
+                        "or timed end to end per trial while no trial on that node trains (measure); the front is "
+                        "confirmed by measurement either way (default: %(default)s)")
+    p.add_argument("--latency-resource", metavar="NAME", help="time latency on the node advertising this Ray "
+                   "resource (e.g. inference_cpu, cluster.yaml's serving node; node:<ip> for one node); default: "
+                   "this node's CPU, or a GPU with --speed-device cuda")
+    p.add_argument("--latency-table-dir", metavar="DIR", help="where latency tables are kept (default: the serving "
+                   "node's cache, ~/.cache/sit-pareto/latency; shared storage lets every sweep reuse them)")
     return p
 
 
@@ -126,6 +141,10 @@ class Plan:
     gpu: bool
     cpus_per_worker: Optional[float]
     address: Optional[str]
+    latency: str = "model"         # model | measure (see --latency)
+    latency_resource: Optional[str] = None
+    latency_table_dir: Optional[str] = None
+    smoke: bool = False            # a short latency-table protocol: mechanics, not numbers
     scheduler: str = "moasha"
     grace: int = DEFAULT_GRACE
     eta: float = DEFAULT_ETA
@@ -155,6 +174,7 @@ class Plan:
         return {"name": self.name, "tracking_uri": self.tracking_uri, "objectives": self.objectives,
                 "reducers": list(self.reducers), "max_latency_ms": self.max_latency_ms, "min_top1": self.min_top1,
                 "trials": self.trials, "sampler": self.sampler, "seed": self.seed, "preset": self.job.name,
+                "latency": self.latency, "latency_resource": self.latency_resource,
                 "scheduler": self.scheduler, "grace": self.grace, "eta": self.eta, "concurrent": self.concurrent,
                 "base_job": self.job.to_dict()}
 
@@ -175,6 +195,18 @@ def make_plan(args) -> Plan:
         raise ValueError(f"--max-latency-ms {args.max_latency_ms} must be > 0")
     if args.min_top1 is not None and not 0 <= args.min_top1 <= 100:
         raise ValueError(f"--min-top1 {args.min_top1} must be a percentage in 0..100")
+    if args.latency_resource is not None and not args.latency_resource.strip():
+        raise ValueError("--latency-resource needs the name of a Ray resource, e.g. inference_cpu")
+    table_dir = storage.local_path(args.latency_table_dir) if args.latency_table_dir else None
+    if args.latency_table_dir and table_dir is None:
+        raise ValueError(f"--latency-table-dir {args.latency_table_dir}: a directory every node mounts (e.g. "
+                         "/mnt/shared/latency-tables), not a URI: the serving node reads and writes it as files")
+    local = args.address is None and not os.environ.get("RAY_ADDRESS")
+    if job.speed.device == "cuda" and args.latency_resource is None and local:
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--speed-device cuda: this machine has no CUDA device (on a cluster, pass --address "
+                             "or --latency-resource of a GPU node)")
     if not args.eta > 1:
         raise ValueError(f"--eta {args.eta:g} must be > 1")
     if args.scheduler == "moasha":
@@ -212,8 +244,10 @@ def make_plan(args) -> Plan:
                 objectives=parse_objectives(args.objectives), reducers=reducers,
                 constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
                 resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
-                cpus_per_worker=args.cpus_per_worker, address=args.address, scheduler=args.scheduler,
-                grace=args.grace, eta=args.eta, local_dir=local_dir, optuna_url=optuna_url,
+                cpus_per_worker=args.cpus_per_worker, address=args.address, latency=args.latency,
+                latency_resource=args.latency_resource, smoke=args.smoke_test,
+                latency_table_dir=os.path.abspath(os.path.expanduser(table_dir)) if table_dir else None,
+                scheduler=args.scheduler, grace=args.grace, eta=args.eta, local_dir=local_dir, optuna_url=optuna_url,
                 shared_out=args.shared_out, cluster_config=args.cluster_config)
 
 

@@ -160,10 +160,14 @@ def budget_pick(df: pd.DataFrame, latency_col: str, budget: float, acc_col: str 
 def plot_pareto(df: pd.DataFrame, objectives: Mapping[str, str], path: str | Path, *,
                 x: str = "latency_ms", y: str = "top1", label_col: Optional[str] = None,
                 number_col: Optional[str] = None,
-                reference_point: Optional[Mapping[str, float | str]] = None, title: Optional[str] = None) -> Path:
+                reference_point: Optional[Mapping[str, float | str]] = None, title: Optional[str] = None,
+                x_spread: Optional[tuple[str, str]] = None, x_predicted: Optional[str] = None) -> Path:
     """Accuracy vs latency scatter saved as PNG: Pareto points (over all objectives) in colour and
     labelled with `label_col`, dominated grey, infeasible as x, the reference (teacher) as a star.
-    With `number_col`, the other points are labelled `#<number>` (short: they are not the picks)."""
+    With `number_col`, the other points are labelled `#<number>` (short: they are not the picks).
+    `x_spread` (low, high columns, e.g. the IQR of a measured latency) draws horizontal bars;
+    `x_predicted` draws each row's predicted latency hollow (joined to its measured point), and rows
+    without an `x` value (not measured) at their predicted latency only."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend switch
     from matplotlib.figure import Figure
 
@@ -175,6 +179,19 @@ def plot_pareto(df: pd.DataFrame, objectives: Mapping[str, str], path: str | Pat
     fig = Figure(figsize=(7.5, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    if x_predicted is not None:
+        pred = pd.to_numeric(df[x_predicted], errors="coerce").to_numpy(dtype=float)
+        both = np.isfinite(xs) & np.isfinite(pred) & np.isfinite(ys)
+        for xp, xm, yi in zip(pred[both], xs[both], ys[both]):
+            ax.plot([xp, xm], [yi, yi], c="0.6", lw=0.6, zorder=1)
+        shown = np.isfinite(pred) & np.isfinite(ys)
+        ax.scatter(pred[shown], ys[shown], facecolors="none", edgecolors="0.55", s=22, zorder=2,
+                   label=f"predicted ({x_predicted})")
+    if x_spread is not None:
+        low, high = (pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float) for c in x_spread)
+        bars = np.isfinite(low) & np.isfinite(high) & np.isfinite(xs) & np.isfinite(ys)
+        ax.errorbar(xs[bars], ys[bars], xerr=[xs[bars] - low[bars], high[bars] - xs[bars]], fmt="none",
+                    ecolor="tab:blue", elinewidth=0.8, capsize=2, zorder=2, label=f"{x_spread[0]}..{x_spread[1]}")
     dominated = feasible & ~on_front
     ax.scatter(xs[dominated], ys[dominated], c="0.7", s=18, label="dominated")
     infeasible = ~feasible & np.isfinite(xs) & np.isfinite(ys)

@@ -100,7 +100,7 @@ def build_table(out: Path, name: str, *, command: str, latency_model: Optional[C
     """The table from a finished recording sweep in `out` (see the module docstring)."""
     from search_spaces import SearchSpace, apply_point, warm_starts
     from sit_core.config import DistillJob
-    from sweeps.speed_probe import Prober
+    from sweeps.speed_probe import probe
 
     record = json.loads((out / "sweep.json").read_text())
     job = DistillJob.from_dict(record["base_job"])
@@ -108,7 +108,8 @@ def build_table(out: Path, name: str, *, command: str, latency_model: Optional[C
     trials = pd.read_csv(out / "pareto.csv", dtype={"trial_id": str}).set_index("trial_id")
     points = _points(record)
     reports = _reports(out / "ray" / name)
-    measure = Prober(job.speed, cache_dir=str(out / "speed_cache"))  # the sweep's cache: measured once per architecture
+    def measure(spec):  # here, cached per architecture (the sweep's own probe cache with --latency measure)
+        return probe(spec, job.speed, cache_dir=str(out / "speed_cache"))
     rows = []
     for trial_id, trial in trials.iterrows():
         config = points[trial_id]

@@ -4,7 +4,9 @@ standalone export rebuilds the same table from MLflow (`from_mlflow`).
 
 One row per started trial: its point, last reported metrics, status (ok | stopped | failed),
 whether it trained its full budget, `feasible` (constraints met, full budget, finite objectives),
-`pareto` (on the front of the feasible rows) and, after confirmation, measured latency.
+`pareto` (on the front of the feasible rows) and, after confirmation (`confirmed`), the latency
+measured end to end with its spread, the speed-up over the teacher measured beside it, and the
+front recomputed on those measurements (`pareto_predicted` keeps the front the search saw).
 """
 from __future__ import annotations
 
@@ -18,7 +20,11 @@ from . import pareto_front
 from .pareto_front import Constraints
 
 SHOWN = ["trial_number", "label", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
-         "speedup_measured", "gmacs", "epoch", "status", "work_s", "wall_s", "feasible", "pareto"]
+         "speedup_measured", "gmacs", "epoch", "status", "work_s", "wall_s", "feasible", "pareto_predicted", "pareto"]
+MEASURED = "latency_measured_ms"
+# what a card's `speed` section keeps of a confirmation's SpeedRecord (the numbers are metrics)
+SPEED_FIELDS = ("device", "device_name", "dtype", "batch_size", "threads", "warmup", "rounds", "samples",
+                "torch_version", "timm_version", "protocol")
 
 
 def label(config: Mapping, number: Optional[int] = None) -> str:
@@ -65,15 +71,48 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
 def mark(table: pd.DataFrame, objectives: Mapping[str, str], constraints: Constraints,
          latency_col: str = "latency_ms") -> pd.DataFrame:
     """(Re)compute `feasible` and `pareto`: only full-budget, successful trials meeting the
-    constraints can be on the front. Called once on predicted latency, once after confirmation."""
+    constraints can be on the front. Called once on predicted latency, once after confirmation
+    (`latency_col=MEASURED`): then a row is judged on its measured latency where it has one, a
+    measured speed-up over the teacher <= 1 makes it infeasible (never exported as a faster model),
+    and only measured rows can be on the front."""
     table = table.copy()
-    table["feasible"] = (constraints.column(table, latency_col=latency_col) & table["full_budget"]
-                         & table["status"].eq("ok"))
+    judged = pd.to_numeric(table[latency_col], errors="coerce")
+    if latency_col != "latency_ms":
+        judged = judged.fillna(pd.to_numeric(table["latency_ms"], errors="coerce"))
+    feasible = (constraints.column(table.assign(_judged=judged), latency_col="_judged") & table["full_budget"]
+                & table["status"].eq("ok"))
+    if "speedup_measured" in table:
+        feasible &= ~(pd.to_numeric(table["speedup_measured"], errors="coerce") <= 1.0)
+    table["feasible"] = feasible
     objective_cols = {(latency_col if c == "latency_ms" else c): d for c, d in objectives.items()}
     table["pareto"] = pareto_front.pareto_mask(table, objective_cols)
     return table
 
 
+def to_confirm(table: pd.DataFrame, objectives: Mapping[str, str], tolerance: float = 0.05) -> pd.Series:
+    """Rows whose latency the end of the sweep measures: the front and the rows within `tolerance` of it."""
+    return table["pareto"] | pareto_front.near_front(table, objectives, tolerance)
+
+
+def confirmed(table: pd.DataFrame, records: Mapping, teacher, objectives: Mapping[str, str],
+              constraints: Constraints) -> pd.DataFrame:
+    """The table with the end-to-end measurements of `records` (row label -> `SpeedRecord`, all timed
+    interleaved with `teacher`'s record), and the front recomputed on them."""
+    table = table.copy()
+    table["pareto_predicted"] = table["pareto"]
+    for col in (MEASURED, "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms", "speedup_measured",
+                "teacher_latency_measured_ms"):
+        table[col] = np.nan
+    for col in SPEED_FIELDS:
+        table[f"speed.{col}"] = None
+    for i, r in records.items():
+        table.loc[i, [MEASURED, "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms", "speedup_measured",
+                      "teacher_latency_measured_ms"]] = [r.p50_ms, r.iqr_ms, r.p25_ms, r.p75_ms,
+                                                         teacher.p50_ms / r.p50_ms, teacher.p50_ms]
+        speed = {**r.to_dict(), "protocol": r.protocol()}
+        for col in SPEED_FIELDS:
+            table.at[i, f"speed.{col}"] = speed[col]
+    return mark(table, objectives, constraints, latency_col=MEASURED)
 def overhead_shares(table: pd.DataFrame) -> pd.Series:
     """Each trial's orchestration share: the part of its wall time (`wall_s`, the driver's view: its
     MLflow run opens when Tune starts the trial and closes when Tune ends it, so actor start-up,
@@ -149,5 +188,9 @@ def from_mlflow(runs: pd.DataFrame, objectives: Mapping[str, str], constraints: 
     status = runs["status"].map({"FINISHED": "ok", "KILLED": "stopped"}).fillna("failed")
     table["status"] = status
     table["full_budget"] = (table.get("epoch") >= table.get("full_epochs")).fillna(False).astype(bool)
-    latency_col = "latency_measured_ms" if "latency_measured_ms" in table and table["latency_measured_ms"].notna().any() else "latency_ms"
+    if "tags.sit.speed" in runs:  # what a confirmation recorded of its protocol (a JSON tag)
+        speed = [json.loads(t) if isinstance(t, str) else {} for t in runs["tags.sit.speed"]]
+        for col in SPEED_FIELDS:
+            table[f"speed.{col}"] = [d.get(col) for d in speed]
+    latency_col = MEASURED if MEASURED in table and table[MEASURED].notna().any() else "latency_ms"
     return mark(table, objectives, constraints, latency_col=latency_col)

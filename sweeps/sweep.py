@@ -1,22 +1,26 @@
-"""The sweep itself (called by `pareto.py` once its plan is validated): the Tuner with the Optuna
-searcher, the MO-ASHA scheduler and MLflow logging (each finished trial's model and card logged to
-its run), then the one trial table, its front, plots, MLflow summary (hypervolume after every
-trial, at the time it ended), the orchestration share, registered picks, cards and the links to open."""
+"""The sweep itself (called by `pareto.py` once its plan is validated): the serving node and the
+latency table, the Tuner with the Optuna searcher, the MO-ASHA scheduler and MLflow logging (each
+finished trial's model and card logged to its run), then the one trial table, the front confirmed by
+end-to-end measurement, plots, MLflow summary (hypervolume after every trial, at the time it ended),
+the orchestration share, registered picks, cards and the links to open."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from ray import tune
 
-from search_spaces import SearchSpace, warm_starts
+from search_spaces import SearchSpace, apply_point, warm_starts
+from sit_core import latency
 from sit_core.files import atomic_write_text
 
 from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
@@ -26,16 +30,18 @@ from .optuna_search import ParetoOptunaSearch, make_sampler
 from .reconcile import reconcile
 from .runner import Session
 from .scheduler import ParetoASHA
-from .speed_probe import Prober
+from .serving import ServingTarget
+from .speed_probe import LatencyModel, Prober
 from .train_loop import MODEL_FILE
 from .trial import TRIAL_CPU, SweepContext, run_trial
 from .trial_logger import PACKAGE_ERROR_TAG, TrialRunLogger
 from .trial_model import TrialPackager
 
 EXPERIMENT = "sit-pareto"
+NEAR_FRONT = 0.05  # trials within 5% of the front are confirmed too: a prediction that far off could reorder them
 # shown when hovering a trial in pareto.html (those the table has)
-HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "gmacs",
-              "speedup", "status", "feasible", "run_id")
+HOVER_COLS = ("trial_number", "schedule", "top1", "test_top1", "latency_ms", "latency_measured_ms", "latency_iqr_ms",
+              "speedup_measured", "gmacs", "speedup", "status", "feasible", "run_id")
 # What the driver writes locally (storage.staging_dir) and publishes to --out.
 SCHEDULER_STATE = "pareto_asha.json"  # MO-ASHA's decisions, beside the Optuna study they go with
 PUBLISHED = ("sweep.json", "pareto.csv", "pareto.png", "pareto.html", "hypervolume_history.csv", "cards", "optuna.db",
@@ -46,18 +52,26 @@ def run_sweep(plan) -> int:
     t0 = time.time()
     job = plan.job
     in_process = plan.workers == 1
+    found = []
+
+    def before_teacher(cap) -> None:
+        storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out)
+        # where latency is timed: found (and refused, if ambiguous) before a teacher trains or a file is written
+        nodes = sum(n for _, n in cap.counts()) if cap.autoscaling else cap.alive
+        found.append(ServingTarget.locate(job.speed, plan.latency_resource, trains_on_gpu=plan.gpu,
+                                          cluster_nodes=nodes))
+
     session = Session.start(job, storage=plan.storage, workers=plan.workers, gpu=plan.gpu,
                             cpus_per_worker=plan.cpus_per_worker, concurrent=plan.concurrent,
                             trial_cpu=0.0 if in_process else TRIAL_CPU, trials=plan.trials, address=plan.address,
-                            cluster_config=plan.cluster_config,
-                            before_teacher=lambda cap: storage.check_shared_out(plan.out, cap, confirmed=plan.shared_out))
+                            cluster_config=plan.cluster_config, before_teacher=before_teacher)
     try:
-        return _run(plan, session, t0)
+        return _run(plan, session, found[0], t0)
     finally:
         session.release()  # the autoscaler may give the nodes back
 
 
-def _run(plan, session: Session, t0: float) -> int:
+def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
     job = plan.job
     in_process = plan.workers == 1
     os.makedirs(plan.local_dir, exist_ok=True)  # only now: a plan the cluster cannot run writes nothing
@@ -75,9 +89,17 @@ def _run(plan, session: Session, t0: float) -> int:
     if plan.local_dir != plan.out:
         print(f"local files in {plan.local_dir}, published to {plan.out}")
 
-    latency = Prober(job.speed, cache_dir=os.path.join(plan.local_dir, "speed_cache"))
-    teacher_speed = latency(job.model.teacher())  # one teacher latency per sweep, used everywhere
-    print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch, {teacher_speed['gmacs']:.4f} GMACs")
+    print(f"latency ({plan.latency}) on {serving.describe()}")
+    if plan.latency == "model":
+        table = serving.ensure_table(job.model, plan.reducers, directory=plan.latency_table_dir,
+                                     protocol=latency.QUICK if plan.smoke else latency.Protocol())
+        print(f"{table.describe()}; {table.path}")
+        oracle = LatencyModel(table)
+    else:
+        oracle = Prober(serving, cache_dir=os.path.join(plan.local_dir, "speed_cache"))
+    teacher_speed = oracle(job.model.teacher())
+    print(f"teacher: {teacher_speed['latency_ms']:.2f} ms/batch ({'predicted' if plan.latency == 'model' else 'measured'}), "
+          f"{teacher_speed['gmacs']:.4f} GMACs")
 
     exp_id = tracking.ensure_experiment(plan.tracking_uri, EXPERIMENT)
     record = plan.record()  # what a later export needs: written beside the runs and into MLflow
@@ -90,7 +112,7 @@ def _run(plan, session: Session, t0: float) -> int:
         storage.publish(plan.local_dir, plan.out, ["sweep.json"])  # what export and resume read first
 
         ctx = SweepContext(base_job=job, workers=workers, storage=plan.storage, constraints=plan.constraints,
-                           latency=latency, teacher=[session.teacher_ref])
+                           latency=oracle, teacher=[session.teacher_ref], probe_lock=oracle.mode == "measure")
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources)
         mlflow_info = {"tracking_uri": plan.tracking_uri, "experiment": EXPERIMENT, "parent_run_id": parent}
         package = TrialPackager(job, plan.tracking_uri, mlflow_info)
@@ -112,12 +134,24 @@ def _run(plan, session: Session, t0: float) -> int:
         trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
         table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
         _package_missing(table, package, plan.tracking_uri)
+        try:
+            table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
+        except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
+            summarise(plan, table, teacher_speed, session, parent, concurrent)
+            tracking.end_parent_run(plan.tracking_uri, parent, "FAILED")
+            storage.publish(plan.local_dir, plan.out, PUBLISHED)  # --resume starts from these
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            print(f"\nconfirming the front failed ({type(e).__name__}: {last}): the trial table above holds the "
+                  "search's latency only and no card was exported; run the same command with --resume to confirm "
+                  "again (finished trials are not rerun)", file=sys.stderr)
+            return 1
+        log_confirmation(plan.tracking_uri, parent, table, serving)
         summary = summarise(plan, table, teacher_speed, session, parent, concurrent)
         picked = pick_rows(table, plan.export, plan.objectives) if summary["n_pareto"] else table.iloc[:0]
         registry = _register(plan, table, picked)
         cards = export_cards(picked, os.path.join(plan.local_dir, "cards"), job, mlflow_info, registry=registry)
-        cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["reference"], note=_note(
-            plan, summary, views))
+        cockpit.optuna_views(plan.optuna_storage, plan.name, plan.objectives, summary["search_reference"],
+                             note=_note(plan, summary, views))
         tracking.end_parent_run(plan.tracking_uri, parent)
         published = storage.publish(plan.local_dir, plan.out, PUBLISHED)
         if published:
@@ -247,10 +281,72 @@ def _tuner(plan, trainable, concurrent: int, logger: TrialRunLogger, retries: in
     )
 
 
+def confirm_front(plan, table: pd.DataFrame, serving: ServingTarget, teacher_speed: dict) -> tuple[pd.DataFrame, dict]:
+    """Time the front and the trials within NEAR_FRONT of it end to end on the serving node, interleaved
+    with the teacher (identical architectures once), and recompute the front on those measurements.
+    Returns the table and the sweep's one teacher latency: the teacher measured beside the front."""
+    rows = table[results.to_confirm(table, plan.objectives, NEAR_FRONT)]
+    if rows.empty:
+        print("\nno feasible trial to confirm")
+        return table, teacher_speed
+    specs, key_of = {"teacher": plan.job.model.teacher()}, {}
+    for i, row in rows.iterrows():
+        spec = apply_point(plan.job, row["config"]).model
+        key_of[i] = spec.architecture_key()
+        specs.setdefault(key_of[i], spec)
+    rounds = plan.job.speed.iters
+    print(f"\nconfirming {len(rows)} trial(s) on or within {NEAR_FRONT:.0%} of the front ({len(specs) - 1} "
+          f"architectures) end to end, interleaved with the teacher: {rounds} rounds on {serving.describe()}")
+    t0 = time.time()
+    records = serving.measure(specs, rounds=rounds)
+    teacher = records["teacher"]
+    table = results.confirmed(table, {i: records[k] for i, k in key_of.items()}, teacher, plan.objectives,
+                              plan.constraints)
+    measured = table[table[results.MEASURED].notna()]
+    error = (measured["latency_ms"] / measured[results.MEASURED] - 1).abs()
+    print(f"confirmed in {time.time() - t0:.0f} s ({teacher.protocol()}): teacher {teacher.p50_ms:.2f} ms "
+          f"(IQR {teacher.iqr_ms:.2f}); trials' latency_ms vs measured: mean |error| {error.mean():.1%}, "
+          f"max {error.max():.1%}")
+    slower = measured[measured["speedup_measured"] <= 1.0]
+    if len(slower):
+        print(f"not exported: {', '.join(slower['label'])} measured no faster than the teacher")
+    return table, {**teacher_speed, "latency_ms": teacher.p50_ms, "latency_iqr_ms": teacher.iqr_ms,
+                   "latency_predicted_ms": teacher_speed["latency_ms"]}
+
+
+def log_confirmation(uri: str, parent: str, table: pd.DataFrame, serving: ServingTarget) -> None:
+    """The measured latency, its spread and the measured speed-up on each confirmed trial's MLflow run,
+    the protocol as its `sit.speed` tag; where latency was timed on the parent run."""
+    client = tracking.MlflowClient(uri)
+    client.set_tag(parent, "sit.latency_node", serving.node_id)
+    client.set_tag(parent, "sit.latency_device", serving.describe())
+    if results.MEASURED not in table:
+        return
+    now = int(time.time() * 1000)
+    cols = (results.MEASURED, "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms", "speedup_measured",
+            "teacher_latency_measured_ms")
+    for _, row in table[table[results.MEASURED].notna() & table["run_id"].notna()].iterrows():
+        step = int(row["epoch"]) if pd.notna(row.get("epoch")) else 0
+        client.log_batch(row["run_id"], metrics=[Metric(c, float(row[c]), now, step) for c in cols], tags=[
+            RunTag("sit.speed", json.dumps({f: _plain(row[f"speed.{f}"]) for f in results.SPEED_FIELDS}))])
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
 def summarise(plan, table, teacher_speed: dict, session: Session, parent: str, concurrent: int) -> dict:
-    """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front."""
-    objectives = plan.objectives
-    reference = results.reference_point(objectives, teacher_speed, plan.job.model.kwargs.get("num_classes", 1000))
+    """Write the table, plots and hypervolume history; tag and attach them in MLflow; print the front.
+    Latency is the measured one where the front was confirmed (and the teacher's is the one measured
+    beside it); the returned `search_reference` is in the search's own terms (Optuna's study)."""
+    confirmed = results.MEASURED in table and table[results.MEASURED].notna().any()
+    latency_col = results.MEASURED if confirmed else "latency_ms"
+    objectives = {(latency_col if c == "latency_ms" else c): d for c, d in plan.objectives.items()}
+    num_classes = plan.job.model.kwargs.get("num_classes", 1000)
+    search_reference = results.reference_point(plan.objectives, {
+        **teacher_speed, "latency_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"])}, num_classes)
+    reference = results.reference_point(plan.objectives, teacher_speed, num_classes)
+    reference = {(latency_col if c == "latency_ms" else c): v for c, v in reference.items()}
     hv = pareto_front.hypervolume(table, objectives, reference)
     # hypervolume against time: trials in the order they finished (each row's last report)
     finished = table["reported_at"] if "reported_at" in table else table.get("timestamp")  # ms, else Tune's seconds
@@ -260,11 +356,19 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str, c
     csv, png, html, hv_csv = (out / f for f in ("pareto.csv", "pareto.png", cockpit.PLOT, "hypervolume_history.csv"))
     table.drop(columns=["config"]).to_csv(csv, index=False)
     history.to_csv(hv_csv, index=False)
-    teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), "latency_ms": teacher_speed["latency_ms"],
+    teacher = {"top1": session.teacher.metrics.get("val_top1", float("nan")), latency_col: teacher_speed["latency_ms"],
                "label": "teacher"}
-    pareto_front.plot_pareto(table, objectives, png, label_col="label", number_col="trial_number", reference_point=teacher)
-    pareto_front.plot_pareto_html(table, objectives, html, label_col="label", reference_point=teacher,
-                                  hover_cols=HOVER_COLS, title=f"{plan.name}: top1 vs latency_ms")
+    search = "predicted" if plan.latency == "model" else "probed"
+    pareto_front.plot_pareto(
+        table, objectives, png, x=latency_col, label_col="label", number_col="trial_number", reference_point=teacher,
+        x_spread=("latency_p25_ms", "latency_p75_ms") if confirmed else None,
+        x_predicted="latency_ms" if confirmed else None,
+        title=(f"top1 vs latency measured end to end (bars: IQR; hollow: the search's {search} latency): "
+               f"{int(table['pareto'].sum())} Pareto-optimal of {len(table)}") if confirmed else None)
+    pareto_front.plot_pareto_html(
+        table, objectives, html, x=latency_col, label_col="label", reference_point=teacher, hover_cols=HOVER_COLS,
+        title=f"{plan.name}: top1 vs {latency_col}" + (f" (the {int(table[latency_col].notna().sum())} trials "
+                                                        "confirmed end to end)" if confirmed else ""))
     runs = table["run_id"].dropna().tolist()
     if runs:
         tracking.tag_pareto(plan.tracking_uri, parent, runs, set(table.loc[table["pareto"], "run_id"].dropna()))
@@ -273,12 +377,15 @@ def summarise(plan, table, teacher_speed: dict, session: Session, parent: str, c
     tracking.log_parent_summary(plan.tracking_uri, parent, [csv, png, html, hv_csv], history, metrics={
         "n_trials": len(table), "n_failed": n_failed, "n_stopped": n_stopped,
         "overhead_share": results.overhead_total(table), "teacher_top1": teacher["top1"],
-        "teacher_latency_ms": teacher_speed["latency_ms"]})
+        "teacher_latency_ms": teacher_speed["latency_ms"],
+        "teacher_latency_predicted_ms": teacher_speed.get("latency_predicted_ms", teacher_speed["latency_ms"]),
+        "n_confirmed": int(table[latency_col].notna().sum()) if confirmed else 0})
     print("\nTrials (Pareto-optimal marked):")
     print(results.printable(table))
-    print(f"\nPareto front: {int(table['pareto'].sum())} of {len(table)} trials ({n_stopped} stopped early, "
-          f"{n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
+    print(f"\nPareto front{' (measured latency)' if confirmed else ''}: {int(table['pareto'].sum())} of {len(table)} "
+          f"trials ({n_stopped} stopped early, {n_failed} failed); hypervolume {hv:.4f} (reference {reference})")
     print(results.overhead_summary(table))
     print(results.slot_use_summary(table, concurrent))
     print(f"table {csv}\nplots {png} {html}\nhypervolume history {hv_csv}")
-    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference}
+    return {"hypervolume": hv, "n_pareto": int(table["pareto"].sum()), "n_trials": len(table), "reference": reference,
+            "search_reference": search_reference}

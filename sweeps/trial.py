@@ -1,4 +1,5 @@
-"""One sweep trial (a Ray Tune function trainable): the sampled candidate's latency first, then its
+"""One sweep trial (a Ray Tune function trainable): the sampled candidate's latency first (predicted
+by the sweep's latency model, or probed end to end on the serving node: `speed_probe`), then its
 distillation, reporting every epoch to Tune (objectives, constraints, a checkpoint).
 
 A one-worker trial trains inside this trial process with `sit_core.train` (no worker group to
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -24,6 +26,7 @@ from sit_core.config import DistillJob
 from sit_core.data import eval_loader, load_splits, train_loader
 from sit_core.train import EVAL_BATCH, Trainer, distill_task, run_epochs, steps_per_epoch
 
+from .node_lock import NodeLock
 from .pareto_front import Constraints
 from .runner import Workers, fit
 from .train_loop import MODEL_FILE, STATE_FILE
@@ -43,8 +46,9 @@ class SweepContext:
     workers: Workers
     storage: str                            # TorchTrainer runs of multi-worker trials
     constraints: Constraints
-    latency: Callable                       # ModelSpec -> {"latency_ms", "gmacs", "params_m", ...}
+    latency: Callable                       # ModelSpec -> {"latency_ms", "gmacs", "params_m", ...} (speed_probe)
     teacher: list                           # [ObjectRef of the teacher's state_dict] (a list: not resolved by Tune)
+    probe_lock: bool = False                # training steps yield the node to probes (--latency measure only)
 
     @property
     def in_process(self) -> bool:
@@ -87,7 +91,7 @@ def run_trial(config: dict, ctx: SweepContext) -> None:
     else:
         outcome = fit(job, mode="distill", teacher=ctx.teacher[0], workers=ctx.workers, storage_path=ctx.storage,
                       run_name=f"trial-{tune.get_context().get_trial_id()}", max_failures=1,
-                      callbacks=(TuneReportCallback(),), extend_report=extend)
+                      callbacks=(TuneReportCallback(),), extend_report=extend, probe_lock=ctx.probe_lock)
         final = outcome.metrics
         if outcome.status == "error":
             raise TrialFailed(f"{job.model.schedule}: {outcome.failure}")
@@ -128,7 +132,8 @@ def _train_here(job: DistillJob, ctx: SweepContext, extend: TrialReport) -> dict
             torch.save(task.inference_model.state_dict(), os.path.join(tmp, MODEL_FILE))
             tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    run_epochs(trainer, loader, val, test, start_epoch=start_epoch, report=report)
+    guard = NodeLock().shared if ctx.probe_lock else nullcontext
+    run_epochs(trainer, loader, val, test, start_epoch=start_epoch, report=report, guard=guard)
     return last
 
 

@@ -67,6 +67,18 @@ def test_has_an_autoscaling_gpu_worker_type(config):
     assert config["available_node_types"][head]["resources"].get("GPU", 0) == 0
 
 
+def test_has_an_optional_serving_node_type_for_latency(config):
+    """`--latency-resource inference_cpu` reaches a node type that advertises it, starts on demand and
+    takes no training (CPU 0: trials and workers need CPUs; latency tasks ask for none)."""
+    serving = {name: t for name, t in config["available_node_types"].items()
+               if t["resources"].get("inference_cpu", 0) > 0}
+    assert list(serving) == ["serving_cpu"]
+    node = serving["serving_cpu"]
+    assert node["resources"]["CPU"] == 0 and node["resources"].get("GPU", 0) == 0
+    assert node["min_workers"] == 0 and node["max_workers"] >= 1
+    assert "--latency-resource inference_cpu" in CLUSTER_YAML.read_text()
+
+
 def test_setup_installs_this_project_with_the_constraints_file(config):
     setup = " ; ".join(config["setup_commands"])
     assert "git clone" in setup

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sit_core.measure import count_macs
+from sit_core.flops import count_macs
 from sit_core.presets import get_preset
 from sweeps.compare_reducers import ARMS, SCHEDULES, arm_job, run_one
 

@@ -4,7 +4,8 @@ One head (1 CPU, no GPU) and an autoscaler config with a GPU node type ({CPU: 1,
 nodes) and a serving type ({CPU: 1, inference_cpu: 1}): the sweep joins an empty cluster, sizes
 its trials from the config (3 trials, 3 at a time), asks the autoscaler for them, and the fake
 provider starts GPU "nodes" (raylets on this machine; the GPUs are only accounted: every trial
-trains CPU tensors and never calls CUDA). Mid-run, one trial's node is reclaimed the way a spot
+trains CPU tensors and never calls CUDA), while the latency table and the confirmation of the front
+run on the serving node the autoscaler starts for `--latency-resource inference_cpu`. Mid-run, one trial's node is reclaimed the way a spot
 node is: drained for PREEMPTION by `sweeps.spot_watch.drain_node`, then killed. Tune must resume
 that trial from its checkpoint on the shared `--out` (a file:// URI) on another node without
 counting a failure (its max_failures is 0 here: no spot node types), and every trial ends ok with
@@ -81,7 +82,12 @@ def sweep_on_fake_cluster():
             proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "sweeps" / "pareto.py"), "--config", config, "--gpu", "--trials", "3",
                  "--teacher-checkpoint", teacher, "--address", cluster.address, "--cluster-config", cluster.config_path,
-                 "--out", f"file://{out}", "--shared-out"], cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
+                 "--out", f"file://{out}", "--shared-out", "--latency-resource", "inference_cpu",
+                 # every trial trains all 3 epochs: a trial MO-ASHA stops after epoch 1 could end between being
+                 # caught mid-run and being frozen, and the checkpoint checks below count 3 epochs
+                 "--scheduler", "none",
+                 # the fake nodes' raylets do not inherit SIT_CACHE_DIR: the table goes to shared storage, as on a cluster
+                 "--latency-table-dir", os.path.join(tmp, "shared", "latency")], cwd=tmp, env=env, stdout=f, stderr=subprocess.STDOUT,
                 start_new_session=True)
         try:
             deadline = time.time() + TIMEOUT
@@ -151,3 +157,20 @@ def test_checkpoints_on_the_shared_path_keep_the_newest_two_without_the_teacher(
     for name in ("sweep.json", "pareto.csv", "pareto.png", "hypervolume_history.csv", "optuna.db", "mlflow.db"):
         assert os.path.isfile(os.path.join(out, name)), name  # published from the driver's local disk
     assert glob.glob(os.path.join(out, "cards", "*.yaml"))
+
+
+def test_latency_is_timed_on_the_serving_node_type_never_where_trials_train(sweep_on_fake_cluster):
+    run = sweep_on_fake_cluster
+    assert run["rc"] == 0, run["log"][-6000:]
+    assert "(chosen by resource 'inference_cpu')" in run["log"] and "latency table: built in" in run["log"]
+    out = run["out"]
+    assert len(glob.glob(os.path.join(os.path.dirname(out), "latency", "*.json"))) == 1  # where the sweep said
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("sit-pareto")
+    parent, = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("sit.role") == "sweep"]
+    serving = parent.data.tags["sit.latency_node"]
+    trained_on = {r["trial_node"] for d in trial_dirs(out) for r in results_of(d)}
+    assert serving not in trained_on, (serving, trained_on)
+    table = pd.read_csv(os.path.join(out, "pareto.csv"))
+    assert table["latency_measured_ms"].notna().any()  # the front was confirmed there

@@ -124,6 +124,11 @@ def test_registry_holds_one_version_per_run_and_the_aliases(store):
     assert len(client.search_model_versions("name = 'sweep-m'")) == 2
     assert str(client.get_model_version_by_alias("sweep-m", "knee").version) == version["b"]
     mlflow_models.register_picks(store["uri"], "sweep-m", [], {"knee": runs["a"]})  # put it back for the other tests
+    # tags on a version registered before (what the sweep measured after logging the model)
+    mlflow_models.register_picks(store["uri"], "sweep-m", [runs["b"]], {},
+                                 tags={runs["b"]: {"sit.latency_measured_ms": "1.25"}})
+    assert client.get_model_version("sweep-m", version["b"]).tags["sit.latency_measured_ms"] == "1.25"
+    assert len(client.search_model_versions("name = 'sweep-m'")) == 2
     with pytest.raises(ValueError, match="alias"):
         mlflow_models.register_picks(store["uri"], "sweep-m", [], {"v3": runs["a"]})
 

@@ -30,6 +30,9 @@ BAD = {
     "name-quote": (["--name", "it's"], "--name \"it's\": use letters, digits"),
     "name-slash": (["--name", "a/b"], "--name 'a/b': use letters, digits"),
     "tracking-uri-dir": (["--tracking-uri", "/tmp/some-dir"], "is a directory (MLflow's file store)"),
+    "speed-device": (["--speed-device", "gpu"], "speed device 'gpu' must be cpu or cuda"),
+    "speed-dtype": (["--speed-dtype", "int8"], "speed dtype 'int8' must be float32, bfloat16 or float16"),
+    "latency-resource-empty": (["--latency-resource", " "], "--latency-resource needs the name of a Ray resource"),
     "eta-one": (["--eta", "1"], "--eta 1 must be > 1"),
     "grace-past-budget": (["--grace", "2"], "--grace 2 leaves no rung below the 2 training epochs"),
 }
@@ -120,6 +123,7 @@ def test_resume_of_an_existing_sweep_is_required(dirs):
                                          (["--max-latency-ms", "inf"], "'inf' is not a finite number"),
                                          (["--min-top1", "nan"], "'nan' is not a finite number"),
                                          (["--sampler", "cmaes"], "argument --sampler: invalid choice: 'cmaes'"),
+                                         (["--latency", "guess"], "argument --latency: invalid choice: 'guess'"),
                                          (["--scheduler", "asha"], "argument --scheduler: invalid choice: 'asha'"),
                                          (["--grace", "0"], "argument --grace: 0 must be >= 1"),
                                          (["--eta", "inf"], "argument --eta: 'inf' is not a finite number"),
@@ -180,6 +184,9 @@ def test_plan_defaults(dirs, monkeypatch):
     assert plan.objectives == {"top1": "max", "latency_ms": "min", "gmacs": "min"}
     assert plan.tracking_uri == f"sqlite:///{out.resolve()}/mlflow.db"
     assert plan.name == "pareto-fmnist-cpu-smoke" and plan.out == str(out.resolve())
+    # latency: predicted from a table built on this node's CPU, with the smoke protocol
+    assert plan.latency == "model" and plan.latency_resource is None and plan.smoke
+    assert plan.job.speed.device == "cpu" and plan.record()["latency"] == "model"
     assert not out.exists()
     full = pareto.make_plan(pareto.build_parser().parse_args(["--out", str(out)]))
     assert full.trials == pareto.DEFAULT_TRIALS and full.name == "pareto-fmnist-cpu"

@@ -195,7 +195,8 @@ def test_smoke_sweep_runs_and_reports(smoke):
     out, result = smoke
     assert_ok(result)
     text = result.stdout
-    for expected in ("Trials (Pareto-optimal marked):", "Pareto front:", "hypervolume", "cards (",
+    for expected in ("latency (model) on", "latency table for", "teacher:", "(predicted)", "confirming",
+                     "Trials (Pareto-optimal marked):", "Pareto front (measured latency):", "hypervolume", "cards (",
                      "mlflow ui --backend-store-uri", "sweep finished"):
         assert expected in text, expected
     # the driver raised nothing (Ray's actors may log their own transient retries, prefixed "(Actor pid=...)")
@@ -211,6 +212,12 @@ def test_smoke_sweep_runs_and_reports(smoke):
     assert (stopped["epoch"] == 1).all() and not stopped["full_budget"].any()
     assert not stopped["feasible"].any() and not stopped["pareto"].any(), "a stopped trial is never on the front"
     assert table["pareto"].any() and table.loc[table["pareto"], "feasible"].all()
+    # the front was confirmed: every predicted-front trial measured end to end, the front recomputed on that,
+    # and nothing on it measured slower than the teacher
+    assert table.loc[table["pareto_predicted"], "latency_measured_ms"].notna().all()
+    front = table[table["pareto"]]
+    assert front["latency_measured_ms"].notna().all() and (front["speedup_measured"] > 1).all()
+    assert (front["latency_iqr_ms"] >= 0).all() and front["teacher_latency_measured_ms"].nunique() == 1
     # the orchestration share is printed, and is the table's share over all trials
     share = re.search(r"orchestration share: ([\d.]+)% of trial wall time", text)
     assert share, text[-3000:]
@@ -229,12 +236,14 @@ def test_smoke_sweep_runs_and_reports(smoke):
 
 
 def _hypervolume_of(table, out):
-    from sweeps import pareto_front, results
+    """Hypervolume of the measured front against chance and the teacher measured beside it."""
+    from sweeps import pareto_front
     record = json.loads(Path(out, "sweep.json").read_text())
-    teacher = {"latency_ms": float(client(out).search_runs(
-        [client(out).get_experiment_by_name(EXPERIMENT).experiment_id],
-        "tags.`sit.role` = 'sweep'")[0].data.metrics["teacher_latency_ms"]), "gmacs": 1.0}
-    return pareto_front.hypervolume(table, record["objectives"], results.reference_point(record["objectives"], teacher, 10))
+    teacher = float(client(out).search_runs([client(out).get_experiment_by_name(EXPERIMENT).experiment_id],
+                                            "tags.`sit.role` = 'sweep'")[0].data.metrics["teacher_latency_ms"])
+    assert teacher == pytest.approx(table["teacher_latency_measured_ms"].dropna().iloc[0])  # one teacher latency
+    objectives = {("latency_measured_ms" if c == "latency_ms" else c): d for c, d in record["objectives"].items()}
+    return pareto_front.hypervolume(table, objectives, {"top1": 10.0, "latency_measured_ms": teacher})
 
 
 def test_the_front_is_optunas_best_trials(smoke):
@@ -244,7 +253,7 @@ def test_the_front_is_optunas_best_trials(smoke):
     table = pareto_table(out)
     study = optuna.load_study(study_name=SWEEP, storage=f"sqlite:///{out}/optuna.db")
     best = {t.user_attrs.get("tune_trial_id") for t in study.best_trials}
-    assert best == set(table.loc[table["pareto"], "trial_id"])
+    assert best == set(table.loc[table["pareto_predicted"], "trial_id"])  # the front the search saw
     # stopped early = PRUNED in Optuna with the values it was stopped at; the others COMPLETE
     states = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
     assert set(states) == set(table["trial_id"])
@@ -270,10 +279,13 @@ def test_smoke_mlflow_parent_and_children(smoke):
     assert parent.data.metrics["n_stopped"] == int((table["status"] == "stopped").sum())
     assert 0 <= parent.data.metrics["overhead_share"] <= 1
     assert parent.data.metrics["n_pareto"] == int(table["pareto"].sum())
+    assert parent.data.metrics["n_confirmed"] == int(table["latency_measured_ms"].notna().sum()) >= 1
+    assert parent.data.tags["sit.latency_node"] and "batch 16" in parent.data.tags["sit.latency_device"]
     hv_points = sorted(client(out).get_metric_history(parent.info.run_id, "hypervolume"), key=lambda m: m.step)
     assert [m.step for m in hv_points] == [1, 2, 3]  # one point per finished trial, no step-0 value
     assert hv_points[-1].value == pytest.approx(hv_final(out))
     params = parent.data.params
+    assert params["latency"] == "model"
     assert (params["objectives.top1"], params["objectives.latency_ms"]) == ("max", "min")
     assert params["preset"] == "fmnist-cpu" and params["trials"] == "3" and params["sampler"] == "tpe"
     artifacts = {a.path for a in client(out).list_artifacts(parent.info.run_id)}
@@ -309,7 +321,14 @@ def test_smoke_mlflow_parent_and_children(smoke):
         assert run.info.start_time < stamps[0] and stamps == sorted(set(stamps)) and stamps[-1] <= run.info.end_time
         m = run.data.metrics
         assert m["top1"] == pytest.approx(row["top1"]) and m["latency_ms"] == pytest.approx(row["latency_ms"])
-        assert {"gmacs", "params_m", "work_s", "trial_wall_s"} <= set(m) and ("test_top1" in m) == (not stopped)
+        assert {"gmacs", "params_m", "work_s", "trial_wall_s", "speedup"} <= set(m) and ("test_top1" in m) == (not stopped)
+        if pd.notna(row["latency_measured_ms"]):  # confirmed: measured latency, spread, speed-up, protocol
+            for key in ("latency_measured_ms", "latency_iqr_ms", "latency_p25_ms", "latency_p75_ms",
+                        "speedup_measured", "teacher_latency_measured_ms"):
+                assert m[key] == pytest.approx(row[key]), key
+            assert "interleaved" in json.loads(run.data.tags["sit.speed"])["protocol"]
+        else:
+            assert "latency_measured_ms" not in m
 
 
 def test_smoke_cards_rebuild_the_trained_students(smoke):
@@ -331,6 +350,10 @@ def test_smoke_cards_rebuild_the_trained_students(smoke):
         row = front[front["run_id"] == run.info.run_id].iloc[0]
         assert meta["metrics"]["top1"] == pytest.approx(row["top1"])
         assert meta["metrics"]["latency_ms"] == pytest.approx(row["latency_ms"])
+        assert meta["metrics"]["latency_measured_ms"] == pytest.approx(row["latency_measured_ms"])
+        assert meta["metrics"]["speedup_measured"] == pytest.approx(row["speedup_measured"])
+        assert meta["metrics"]["speedup_measured"] > 1
+        assert "interleaved" in meta["speed"]["protocol"] and meta["speed"]["batch_size"] == 16
         job = card_job(card)
         assert str(job.model.schedule) == row["schedule"]
         assert job.train.lr == pytest.approx(json.loads(run.data.tags["sit.point"])["lr"])
@@ -361,6 +384,9 @@ def test_smoke_models_are_logged_registered_and_load_alike(smoke):
     table = pareto_table(out)
     for run in children:
         tags = run.data.tags
+        if tags["sit.stopped_early"] == "true":  # stopped by MO-ASHA: not a finished student, no model logged
+            assert "sit.model_uri" not in tags and not run.outputs.model_outputs
+            continue
         assert [o.model_id for o in run.outputs.model_outputs] == [tags["sit.model_uri"].removeprefix("models:/")]
         assert tags["sit.card"] == f"{tags['sit.model_uri']}/extra_files/tsm-{tags['sit.trial_number']}.yaml"
         assert "sit.package_error" not in tags
@@ -371,6 +397,10 @@ def test_smoke_models_are_logged_registered_and_load_alike(smoke):
         assert c.get_model_version(SWEEP, str(version)).run_id in front_runs, alias
     knee = c.get_model_version_by_alias(SWEEP, "knee")
     knee_run = c.get_run(knee.run_id)
+    # the card inside the logged model predates the confirmation: the version carries what it measured
+    knee_row = table.set_index("run_id").loc[knee.run_id]
+    assert float(knee.tags["sit.latency_measured_ms"]) == pytest.approx(knee_row["latency_measured_ms"], rel=1e-5)
+    assert float(knee.tags["sit.speedup_measured"]) > 1.0
     torch.manual_seed(0)
     x = torch.randn(3, 1, 28, 28)
     mlflow.set_tracking_uri(uri)
@@ -448,10 +478,11 @@ def test_export_knee_from_a_finished_sweep(smoke, tmp_path, private_tmp):
 
 @pytest.fixture(scope="module")
 def killed_then_resumed(tmp_path_factory, private_tmp, cache_dir):
-    """`--trials 3 --concurrent 1 --max-latency-ms 1e-6`: SIGKILL the driver's process group once one
-    trial is finished (MLflow child FINISHED and Tune's state TERMINATED), then `--resume`."""
+    """`--trials 3 --concurrent 1 --max-latency-ms 1e-6 --latency measure`: SIGKILL the driver's process
+    group once one trial is finished (MLflow child FINISHED and Tune's state TERMINATED), then `--resume`."""
     out = tmp_path_factory.mktemp("resume") / "out"
-    args = ["--smoke-test", "--out", str(out), "--trials", "3", "--concurrent", "1", "--max-latency-ms", "1e-6"]
+    args = ["--smoke-test", "--out", str(out), "--trials", "3", "--concurrent", "1", "--max-latency-ms", "1e-6",
+            "--latency", "measure"]
     env = sweep_env(private_tmp, cache_dir)
     log = out.parent / "first.log"
     with open(log, "w") as f:
@@ -530,6 +561,9 @@ def test_infeasible_trials_are_never_on_the_front(killed_then_resumed):
     parent, children = parent_and_children(out)
     assert all(r.data.tags["sit.pareto"] == "false" for r in children)
     assert parent.data.metrics["n_pareto"] == 0 and parent.data.metrics["hypervolume"] == 0
+    # --latency measure: every trial probed end to end (cached by architecture), nothing left to confirm
+    assert parent.data.params["latency"] == "measure" and "no feasible trial to confirm" in resumed.stdout
+    assert table["latency_ms"].gt(0).all() and list(Path(out, "speed_cache").glob("*.json"))
     import optuna
     study = optuna.load_study(study_name=SWEEP, storage=f"sqlite:///{out}/optuna.db")
     assert study.best_trials == []
@@ -545,9 +579,9 @@ CLUSTER_SCRIPT = """
 import signal, sys, time
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-cluster.add_node(num_cpus=1)
+serving = cluster.add_node(num_cpus=1, resources={"inference_cpu": 1})
 cluster.wait_for_nodes()
-print(cluster.address, flush=True)
+print(cluster.address, serving.node_id, flush=True)
 def stop(*_):
     cluster.shutdown()
     sys.exit(0)
@@ -565,12 +599,13 @@ def two_node_sweep(tmp_path_factory, cache_dir):
     cluster = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], env=env, stdout=subprocess.PIPE,
                                text=True, start_new_session=True)
     try:
-        address = cluster.stdout.readline().strip()
+        address, serving_node = (cluster.stdout.readline().strip().split() + ["", ""])[:2]
         assert re.fullmatch(r"[\d.]+:\d+", address), f"cluster did not start: {address!r}"
         out = tmp_path_factory.mktemp("two_nodes") / "out"
         result = run_pareto(["--smoke-test", "--out", str(out), "--address", address, "--concurrent", "2",
-                             "--trials", "2"], sweep_env(tmp, cache_dir), out.parent / "pareto.log")
-        yield out, result
+                             "--trials", "2", "--latency-resource", "inference_cpu"], sweep_env(tmp, cache_dir),
+                            out.parent / "pareto.log")
+        yield out, result, serving_node
     finally:
         cluster.send_signal(signal.SIGTERM)
         try:
@@ -583,7 +618,7 @@ def two_node_sweep(tmp_path_factory, cache_dir):
 
 
 def test_two_node_sweep_spreads_trials_over_both_nodes(two_node_sweep):
-    out, result = two_node_sweep
+    out, result, serving_node = two_node_sweep
     assert_ok(result)
     assert "joined Ray cluster" in result.stdout and "2 node(s), 2 CPU" in result.stdout
     table = pareto_table(out)
@@ -591,3 +626,6 @@ def test_two_node_sweep_spreads_trials_over_both_nodes(two_node_sweep):
     _, children = parent_and_children(out)
     nodes = [r.data.tags["sit.nodes"] for r in children]
     assert all(nodes) and len(set(nodes)) == 2, nodes
+    # the latency table and the confirmation ran on the node advertising the serving resource
+    parent, _ = parent_and_children(out)
+    assert parent.data.tags["sit.latency_node"] == serving_node

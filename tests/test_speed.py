@@ -1,5 +1,5 @@
-"""sit_core.measure and sit_core.benchmark: counts against hand computations, records complete and
-sane, models and torch state left as found. No timing assertions: speed claims live in the benchmark."""
+"""sit_core.speed and sit_core.benchmark: records complete and sane, the interleaving as documented, models
+and torch state left as found. No timing assertions: speed claims live in the benchmark."""
 from __future__ import annotations
 
 import math
@@ -11,73 +11,13 @@ import pandas as pd
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sit_core import benchmark
-from sit_core.measure import (
-    SpeedRecord, compare, count_macs, count_params, macs_by_module, measure_speed, module_macs,
-    module_time_share,
-)
+from sit_core.speed import SpeedRecord, compare, interleaved, measure_speed, module_time_share, speedup
+from test_flops import tiny_convnet
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_convnet(width: int = 8) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(width, 10))
-
-
-class SelfAttention(nn.Module):
-    """Attention over the H rows of the image: exercises the CPU SDPA kernel's MAC formula."""
-
-    def __init__(self, heads: int):
-        super().__init__()
-        self.heads = heads
-
-    def forward(self, x):  # (B, C, H, W): tokens = H, dim = C * W split over heads
-        b, c, h, w = x.shape
-        q = x.permute(0, 2, 1, 3).reshape(b, h, self.heads, -1).transpose(1, 2)  # (B, heads, H, d)
-        return F.scaled_dot_product_attention(q, q, q)
-
-
-# --- counting --------------------------------------------------------------------------------
-
-def test_count_macs_deit_small_matches_paper():
-    model = timm.create_model("deit_small_patch16_224", pretrained=False)
-    assert count_macs(model, 224) / 1e9 == pytest.approx(4.6, rel=0.03)
-    assert count_params(model) / 1e6 == pytest.approx(22.05, rel=0.01)
-
-
-def test_count_macs_single_linear_is_in_times_out_times_batch():
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
-    assert count_macs(model, 4) == 48 * 10
-    assert count_macs(model, 4, batch=5) == 48 * 10 * 5
-
-
-def test_count_macs_conv_and_cpu_attention():
-    conv = nn.Conv2d(3, 8, 3, padding=1)
-    assert count_macs(conv, 8) == 8 * 8 * 8 * 3 * 9  # out pixels * out ch * in ch * kernel
-    # torch's counter misses the CPU SDPA kernel on its own; two matmuls of L*L*d per head.
-    b, heads, c, h, w = 2, 2, 3, 6, 4
-    d = c * w // heads
-    assert count_macs(SelfAttention(heads), (h, w), batch=b) == 2 * b * heads * h * h * d
-
-
-def test_macs_breakdown_sums_and_module_macs():
-    model = tiny_convnet()
-    per = macs_by_module(model, 8)
-    assert per[""] == count_macs(model, 8)
-    assert per["0"] + per["4"] == per[""]
-    assert module_macs(model, nn.Linear, 8) == 8 * 10
-    assert module_macs(model, nn.MultiheadAttention, 8) == 0
-
-
-def test_counting_restores_train_mode():
-    model = tiny_convnet().train()
-    model[0].eval()  # a mixed state must survive too
-    count_macs(model, 8)
-    assert model.training and not model[0].training and model[4].training
 
 
 # --- timing ----------------------------------------------------------------------------------
@@ -116,29 +56,37 @@ def test_module_time_share_bounds():
     assert model.training
 
 
-def test_compare_columns_and_ratios():
+def test_compare_returns_one_record_per_model_and_restores_state():
     models = {"base": tiny_convnet(16), "small": tiny_convnet(8), "tiny": tiny_convnet(4)}
     threads_before = torch.get_num_threads()
-    df = compare(models, "base", batch_size=2, img_size=8, warmup=1, iters=2, rounds=2, threads=1,
-                 baseline_of={"tiny": "small"})
+    records = compare(models, batch_size=2, img_size=8, warmup=1, iters=2, rounds=2, threads=1)
     assert torch.get_num_threads() == threads_before
-    for col in ["name", "params_m", "gmacs", "img_s", "p50_ms", "p90_ms", "speedup", "flops_speedup",
-                "efficiency"]:
-        assert col in df.columns
-    rows = df.set_index("name")
-    assert rows.loc["base", "speedup"] == 1.0 and rows.loc["base", "flops_speedup"] == 1.0
-    assert rows.loc["tiny", "baseline"] == "small"
-    macs = {n: count_macs(m, 8) for n, m in models.items()}
-    assert rows.loc["small", "flops_speedup"] == pytest.approx(macs["base"] / macs["small"])
-    assert rows.loc["tiny", "flops_speedup"] == pytest.approx(macs["small"] / macs["tiny"])
-    for n in models:
-        r = rows.loc[n]
-        assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_speedup"])
-        rec = df.attrs["records"][n]
-        assert rec.samples == 4 and rec.rounds == 2 and rec.threads == 1
+    assert isinstance(records, dict) and list(records) == list(models)
+    for n, rec in records.items():
+        assert isinstance(rec, SpeedRecord)
+        assert rec.samples == 4 and rec.rounds == 2 and rec.warmup == 1 and rec.threads == 1
+        assert rec.p25_ms <= rec.p50_ms <= rec.p75_ms and rec.iqr_ms >= 0
+        assert "2 rounds interleaved" in rec.protocol() and "x 2 timed iters" in rec.protocol()
         assert models[n].training
-    with pytest.raises(KeyError):
-        compare(models, "missing", batch_size=1, img_size=8)
+    assert speedup(records, "base", "base") == 1.0
+    assert speedup(records, "tiny", "small") == pytest.approx(records["tiny"].img_s / records["small"].img_s)
+
+
+def test_interleaved_order_warmup_and_rotation():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    rounds_seen = []
+    samples = interleaved(fns, device=torch.device("cpu"), dtype=torch.float32, warmup=2, iters=3, rounds=3,
+                          progress=lambda r, total: rounds_seen.append((r, total)))
+    assert {n: len(s) for n, s in samples.items()} == {"a": 9, "b": 9, "c": 9}  # rounds x iters
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]          # warm-up, discarded
+    body = calls[6:]
+    assert len(body) == 3 * 3 * 3                               # each round: 3 timed per callable
+    firsts = [body[i * 9] for i in range(3)]
+    assert firsts == ["a", "b", "c"]                            # who goes first rotates
+    assert rounds_seen == [(1, 3), (2, 3), (3, 3)]
+    with pytest.raises(ValueError):
+        interleaved(fns, device=torch.device("cpu"), dtype=torch.float32, warmup=0, iters=1, rounds=0)
 
 
 # --- benchmark -------------------------------------------------------------------------------
