@@ -256,6 +256,15 @@ def _nodes_not_seeing(directory: str, timeout_s: float) -> list[str]:
         os.unlink(marker)
 
 
+def on_storage(storage_path: str, path: Optional[str]) -> Optional[str]:
+    """A path Ray reports without its scheme (pyarrow's view) as a location on `storage_path`'s
+    filesystem: unchanged locally, `s3://bucket/key` for an s3:// storage path."""
+    if not path:
+        return None
+    scheme = storage_path.split("://", 1)[0] if "://" in storage_path else None
+    return path if scheme in (None, "file") else f"{scheme}://{path.lstrip('/')}"
+
+
 def checkpoint_location(checkpoint) -> Optional[str]:
     """A Ray checkpoint's location as a path or URI another process can open (Ray keeps the path
     without its scheme next to a pyarrow filesystem)."""

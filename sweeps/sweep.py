@@ -18,6 +18,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 
 from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from search_spaces import SearchSpace, apply_point, warm_starts
 from sit_core import latency
@@ -107,7 +108,9 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
     with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING
         sweep_json = Path(plan.local_dir, "sweep.json")
-        atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT}, indent=1))
+        # `concurrent` as run (the option may be unset: then what the cluster holds)
+        atomic_write_text(sweep_json, json.dumps({**record, "experiment": EXPERIMENT, "concurrent": concurrent},
+                                                 indent=1))
         tracking.MlflowClient(plan.tracking_uri).log_artifact(parent, str(sweep_json))
         storage.publish(plan.local_dir, plan.out, ["sweep.json"])  # what export and resume read first
 
@@ -131,7 +134,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
         print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
         grid = tuner.fit()
-        trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
+        trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent), plan.storage)
         table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
         _package_missing(table, package, plan.tracking_uri)
         try:
@@ -207,7 +210,7 @@ def _note(plan, summary: dict, views: Mapping) -> str:
             f"[all trials]({views['trials']}), [the sweep]({views['parent']}).\n")
 
 
-def _trials(grid, children: pd.DataFrame) -> dict:
+def _trials(grid, children: pd.DataFrame, storage_path: str) -> dict:
     """Every trial of the sweep, from the two durable records: MLflow's child runs (number, run id,
     point, wall time) and Tune's results (error, last checkpoint). A trial finished before a resume
     is in both; this process's callback may never have seen it."""
@@ -225,8 +228,10 @@ def _trials(grid, children: pd.DataFrame) -> dict:
         # a trial that failed before its first report has no metrics (no trial id): match its point
         tid = (r.metrics or {}).get("trial_id") or by_config.get(json.dumps(r.config, sort_keys=True))
         if tid in trials:
-            trials[tid].update(error=str(r.error) if r.error else None,
-                               checkpoint=storage.checkpoint_location(r.checkpoint))
+            # a multi-worker trial's checkpoints are its Train run's: Tune's result names the last one
+            checkpoint = (storage.checkpoint_location(r.checkpoint)
+                          or storage.on_storage(storage_path, (r.metrics or {}).get(CHECKPOINT_PATH_KEY)))
+            trials[tid].update(error=str(r.error) if r.error else None, checkpoint=checkpoint)
     return trials
 
 

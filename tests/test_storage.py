@@ -130,6 +130,10 @@ def test_checkpoint_locations_keep_their_scheme(tmp_path):
     gcs = Checkpoint("bucket/runs/ray/sw/t/checkpoint_000001", filesystem=pafs.GcsFileSystem(anonymous=True))
     assert storage.checkpoint_location(gcs) == "gs://bucket/runs/ray/sw/t/checkpoint_000001"
     assert storage.checkpoint_location(None) is None
+    # a multi-worker trial's checkpoint, as Tune's result names it (no scheme), on its storage
+    assert storage.on_storage("s3://b/runs/ray", "b/runs/ray/trial-x/checkpoint_1") == "s3://b/runs/ray/trial-x/checkpoint_1"
+    assert storage.on_storage(str(tmp_path), f"{tmp_path}/c") == f"{tmp_path}/c"
+    assert storage.on_storage("s3://b/runs", None) is None
 
 
 def test_plan_keeps_a_uri_out_and_puts_sqlite_on_local_disk(tmp_path, monkeypatch):
