@@ -75,8 +75,9 @@ class ParetoOptunaSearch(Searcher):
                  storage: Union[str, optuna.storages.BaseStorage, None] = None,
                  points_to_evaluate: Optional[list[dict]] = None,
                  constraint_key: str = "constraint_violation", budget_keys: tuple[str, str] = ("epoch", "full_epochs"),
-                 stopped_early: Optional[Callable[[str], bool]] = None):
+                 stopped_early: Optional[Callable[[str], bool]] = None, max_trials: Optional[int] = None):
         super().__init__(metric=list(metric), mode=list(mode))
+        self._max_trials = max_trials  # the sweep's budget, counted in the study (see `suggest`)
         self._space, self._sampler, self._study_name = space, sampler, study_name
         self._storage = (optuna.storages.RDBStorage(storage) if isinstance(storage, str)
                          else storage if storage is not None else optuna.storages.InMemoryStorage())
@@ -113,6 +114,10 @@ class ParetoOptunaSearch(Searcher):
             return dict(self._storage.get_trial(known).params)
         if (adopted := self._adopt(trial_id)) is not None:
             return adopted
+        if self._max_trials is not None and self._asked() >= self._max_trials:
+            # a resumed sweep whose study holds trials Tune's saved state never saw (started and
+            # finished between two of its saves): they count, Tune starts no replacement
+            return Searcher.FINISHED
         trial = self.study.ask()
         try:
             trial.set_user_attr(TUNE_ID_ATTR, trial_id)
@@ -122,6 +127,9 @@ class ParetoOptunaSearch(Searcher):
             raise
         self._ids[trial_id] = self._id_of(trial.number)
         return dict(trial.params)
+
+    def _asked(self) -> int:
+        return sum(t.state != TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
 
     def _adopt(self, trial_id: str) -> Optional[dict]:
         """The point of a trial a resumed sweep runs again (Tune never saved it), under its own Optuna
@@ -164,11 +172,12 @@ class ParetoOptunaSearch(Searcher):
         """The sampler (its random state goes on) and where the study lives; trial ids are re-read
         from the study, which may be newer than this checkpoint."""
         return {"study_name": self._study_name, "storage": self._storage, "sampler": self._sampler,
-                "metric": self._metric, "mode": self._mode}
+                "metric": self._metric, "mode": self._mode, "max_trials": self._max_trials}
 
     def set_state(self, state: dict) -> None:
         self._study_name, self._storage, self._sampler = state["study_name"], state["storage"], state["sampler"]
         self._metric, self._mode = state["metric"], state["mode"]
+        self._max_trials = state.get("max_trials")
         self._ids, self._study = {}, None
 
     def save(self, checkpoint_path: str) -> None:

@@ -11,8 +11,11 @@ new MLflow runs beside their old ones.
 Such an orphan is re-run, with its own Optuna trial: its number goes on the study's adoption list
 (the study user attr `sit.adopt`, which `ParetoOptunaSearch.suggest` empties before it asks the
 sampler for anything new), and its MLflow run (a partial record: the re-run logs a complete one)
-is deleted. Trials Tune does know are left to Tune: finished ones are kept, unfinished ones go on
-from their last checkpoint, and the searcher ignores a second report of a finished trial.
+is deleted. A trial that also ENDED between two of Tune's saves stays as the study and MLflow hold
+it: the searcher counts the sweep's budget in the study (no replacement is started) and the trial
+table takes its values from its MLflow run. Trials Tune does know are left to Tune: finished ones
+are kept, unfinished ones go on from their last checkpoint, and the searcher ignores a second
+report of a finished trial.
 """
 from __future__ import annotations
 

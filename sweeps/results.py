@@ -56,6 +56,12 @@ def build(tune_frame: pd.DataFrame, trials: Mapping[str, dict], *, objectives: M
     for col in REPORTED:  # a column no trial reported (every one failed early) reads as missing values
         if col not in table:
             table[col] = np.nan
+    if "logged" in table:  # a trial Tune's saved state never saw: its values as MLflow logged them
+        for col in (*REPORTED, "work_s", "trial_wall_s", "params_m"):
+            logged = table["logged"].map(lambda m, c=col: m.get(c) if isinstance(m, dict) else None)
+            table[col] = pd.to_numeric(table[col] if col in table else logged, errors="coerce").fillna(
+                pd.to_numeric(logged, errors="coerce"))
+        table = table.drop(columns=["logged"])
     table["label"] = [label(c, n) for c, n in zip(table["config"], table["trial_number"])]
     epoch = pd.to_numeric(table.get("epoch"), errors="coerce")
     full = pd.to_numeric(table.get("full_epochs"), errors="coerce")

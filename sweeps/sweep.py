@@ -137,6 +137,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent), plan.storage)
         table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
         _package_missing(table, package, plan.tracking_uri)
+        _close_ended(table, plan.tracking_uri)
         try:
             table, teacher_speed = confirm_front(plan, table, serving, teacher_speed)
         except Exception as e:  # noqa: BLE001  (a lost serving node, ...): keep what the trials found
@@ -201,6 +202,18 @@ def _package_missing(table: pd.DataFrame, package: TrialPackager, tracking_uri: 
             client.delete_tag(row["run_id"], PACKAGE_ERROR_TAG)
 
 
+def _close_ended(table: pd.DataFrame, tracking_uri: str) -> None:
+    """End the MLflow runs of trials that ended while their run stayed open (the driver was killed
+    between a trial's end and its run's closing, and the resumed Tune knew the trial as ended)."""
+    if "run_status" not in table:
+        return
+    for _, row in table[table["run_status"].eq("RUNNING") & table["run_id"].notna()].iterrows():
+        status = {"ok": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}[row["status"]]
+        reported = pd.to_numeric(row.get("reported_at"), errors="coerce")
+        tracking.end_trial_run(tracking_uri, row["run_id"], status,
+                               end_time_ms=int(reported * 1000) if pd.notna(reported) else None)
+
+
 def _note(plan, summary: dict, views: Mapping) -> str:
     return (f"## SiT Pareto sweep `{plan.name}`\n\n"
             f"Objectives {plan.objectives}; {summary['n_pareto']} Pareto-optimal of {summary['n_trials']} trials; "
@@ -221,8 +234,11 @@ def _trials(grid, children: pd.DataFrame, storage_path: str) -> dict:
         trials[run["tags.sit.trial_id"]] = {
             "number": int(run["tags.sit.trial_number"]), "config": json.loads(run["tags.sit.point"]),
             "run_id": run["run_id"], "wall_s": wall, "started_s": run["start_time"].timestamp(),
-            "ended_s": run["end_time"].timestamp() if ended else None, "error": None, "checkpoint": None,
-            "stopped": run.get("tags.sit.stopped_early") == "true"}
+            "ended_s": run["end_time"].timestamp() if ended else None, "error": None,
+            # what MLflow holds stands for a trial Tune's saved state never saw (ended between its saves)
+            "checkpoint": run.get("tags.sit.checkpoint") if isinstance(run.get("tags.sit.checkpoint"), str) else None,
+            "logged": {k.split(".", 1)[1]: v for k, v in run.items() if k.startswith("metrics.") and pd.notna(v)},
+            "stopped": run.get("tags.sit.stopped_early") == "true", "run_status": run["status"]}
     by_config = {json.dumps(t["config"], sort_keys=True): tid for tid, t in trials.items()}
     for r in grid:
         # a trial that failed before its first report has no metrics (no trial id): match its point
@@ -230,7 +246,8 @@ def _trials(grid, children: pd.DataFrame, storage_path: str) -> dict:
         if tid in trials:
             # a multi-worker trial's checkpoints are its Train run's: Tune's result names the last one
             checkpoint = (storage.checkpoint_location(r.checkpoint)
-                          or storage.on_storage(storage_path, (r.metrics or {}).get(CHECKPOINT_PATH_KEY)))
+                          or storage.on_storage(storage_path, (r.metrics or {}).get(CHECKPOINT_PATH_KEY))
+                          or trials[tid]["checkpoint"])
             trials[tid].update(error=str(r.error) if r.error else None, checkpoint=checkpoint)
     return trials
 
@@ -249,7 +266,7 @@ def make_searcher(plan, scheduler: ParetoASHA | None = None):
             space, metric=list(plan.objectives), mode=list(plan.objectives.values()),
             points_to_evaluate=warm_starts(plan.job, space) if plan.warm_start else None,
             sampler=make_sampler(plan.sampler, plan.seed), study_name=plan.name, storage=plan.optuna_storage,
-            stopped_early=scheduler.stopped_early if scheduler else None)
+            stopped_early=scheduler.stopped_early if scheduler else None, max_trials=plan.trials)
     return build
 
 

@@ -96,3 +96,37 @@ def test_an_unreadable_experiment_reconciles_nothing(tmp_path):
     assert tune_trial_ids(str(tmp_path / "missing")) is None
     (tmp_path / "empty").mkdir()
     assert tune_trial_ids(str(tmp_path / "empty")) is None
+
+
+def test_a_trial_that_ended_between_tunes_saves_counts_and_is_not_replaced(tmp_path):
+    """Started and stopped between two of Tune's saves: the study holds it finished, Tune does not;
+    the sweep's budget is counted in the study, so Tune gets no replacement to run."""
+    from ray.tune.search import Searcher
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = make_searcher("s", url)
+    searcher._max_trials = 3
+    for tid in ("a", "b", "ended"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("ended", {"top1": 20.0, "latency_ms": 3.0, "epoch": 1, "full_epochs": 2})  # PRUNED
+    resumed = make_searcher("s", url)
+    resumed._max_trials = 3
+    assert resumed.suggest("replacement") == Searcher.FINISHED
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_the_table_takes_an_unsaved_trials_values_from_mlflow():
+    import pandas as pd
+
+    from sweeps import results
+    from sweeps.pareto_front import Constraints
+
+    point = {"reducer": "tsm", "n_stages": 1, "pos_1": 2, "keep_1": 0.5}
+    seen = {"ended": {"number": 2, "config": point, "error": None, "stopped": True, "wall_s": 3.0, "started_s": 0.0,
+                      "ended_s": 3.0, "run_id": "r", "checkpoint": "/ckpt", "run_status": "KILLED",
+                      "logged": {"top1": 41.0, "latency_ms": 2.5, "epoch": 1.0, "full_epochs": 2.0, "gmacs": 0.01}}}
+    table = results.build(pd.DataFrame(), seen, objectives={"top1": "max", "latency_ms": "min"},
+                          constraints=Constraints())
+    row = table.iloc[0]
+    assert (row["top1"], row["latency_ms"], row["epoch"], row["status"]) == (41.0, 2.5, 1.0, "stopped")
+    assert not row["full_budget"] and not row["pareto"] and "logged" not in table

@@ -51,7 +51,7 @@ def swept(ray_local, tmp_path_factory):
                             stopped_early=scheduler.stopped_early)
     grid = sweep._tuner(plan, tune.with_resources(fake_training, {"CPU": 1}), 1,
                         searcher=sweep.make_searcher(plan, scheduler), scheduler=scheduler, logger=logger).fit()
-    trials = sweep._trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent))
+    trials = sweep._trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent), plan.storage)
     table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
     return plan, scheduler, table, exp_id, parent
 
