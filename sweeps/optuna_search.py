@@ -140,9 +140,13 @@ class ParetoOptunaSearch(Searcher):
             self.study.set_user_attr(ADOPT_ATTR, pending)
             storage_id = self._id_of(number)
             if self._storage.get_trial(storage_id).state == TrialState.RUNNING:
-                optuna.trial.Trial(self.study, storage_id).set_user_attr(TUNE_ID_ATTR, trial_id)
+                trial = optuna.trial.Trial(self.study, storage_id)
+                trial.set_user_attr(TUNE_ID_ATTR, trial_id)
+                # the space again: params it already holds come back as they were, and those a kill
+                # cut off (between `ask` and the last suggestion) are drawn now
+                self._space(trial)
                 self._ids[trial_id] = storage_id
-                return dict(self._storage.get_trial(storage_id).params)
+                return dict(trial.params)
         return None
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:

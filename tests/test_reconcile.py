@@ -130,3 +130,22 @@ def test_the_table_takes_an_unsaved_trials_values_from_mlflow():
     row = table.iloc[0]
     assert (row["top1"], row["latency_ms"], row["epoch"], row["status"]) == (41.0, 2.5, 1.0, "stopped")
     assert not row["full_budget"] and not row["pareto"] and "logged" not in table
+
+
+def test_an_orphan_killed_between_ask_and_its_last_suggestion_gets_a_whole_point(tune_experiment, tmp_path):
+    path, (a, b) = tune_experiment
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    searcher = make_searcher("s", url)
+    for tid in (a, b):
+        searcher.suggest(tid)
+        searcher.on_trial_complete(tid, {"top1": 50.0, "latency_ms": 3.0, "epoch": 2, "full_epochs": 2})
+    cut = searcher.study.ask()  # the driver died right after `ask`: no params yet
+    cut.set_user_attr(TUNE_ID_ATTR, "cut")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = tracking.ensure_experiment(uri, "e")
+    parent = tracking.start_parent_run(uri, exp, "sweep")
+    assert reconcile(path, "s", url, uri, exp, parent).adopted == (2,)
+    point = make_searcher("s", url).suggest("new")
+    n = point["n_stages"]  # a whole point of the space: every stage's position and keep ratio
+    assert {"reducer", "lr", "tau", *(f"pos_{i}" for i in range(1, n + 1)), *(f"keep_{i}" for i in range(1, n + 1))} <= set(point)
+    assert point == optuna.load_study(study_name="s", storage=url).trials[2].params
