@@ -25,7 +25,7 @@ from sit_core import teachers
 from sit_core.config import DistillJob
 from sit_core.train import device_batches
 
-from . import cluster
+from . import cluster, storage
 from .cluster import Workers  # noqa: F401  (re-exported: trials and tests import it from here)
 from .train_loop import MODEL_FILE, train_func
 
@@ -111,16 +111,9 @@ def fit(job: DistillJob, *, mode: str, teacher=None, workers: Workers, storage_p
         with result.checkpoint.as_directory() as d:
             shutil.copyfile(Path(d, MODEL_FILE), local)
         model_path = str(local)
-        weights_uri = _location(result.checkpoint, MODEL_FILE)
+        weights_uri = storage.join(storage.checkpoint_location(result.checkpoint), MODEL_FILE)
     return Outcome(status=metrics.get("status", "ok" if metrics else "empty"), metrics=metrics, history=history,
                    model_path=model_path, weights_uri=weights_uri, failure=metrics.get("failure"))
-
-
-def _location(checkpoint, name: str) -> str:
-    """A checkpoint file as a user finds it: a local path, or scheme://bucket/key on object storage."""
-    path = f"{checkpoint.path.rstrip('/')}/{name}"
-    kind = checkpoint.filesystem.type_name
-    return path if kind == "local" else f"{'gs' if kind == 'gcs' else kind}://{path}"
 
 
 def _first_line_of_cause(error: Exception) -> str:

@@ -25,6 +25,8 @@ import pandas as pd
 import pytest
 import torch
 
+from fake_cluster import pids_using  # processes naming our private temp dir
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +64,6 @@ def sweep_env(private_tmp: str, cache_dir: str | None = None) -> dict:
         env.pop(key, None)
     os.makedirs(env["SIT_NODE_LOCK_DIR"], exist_ok=True)
     return env
-
-
-def pids_using(marker: str) -> list[int]:
-    """Processes of ours whose command line or environment names `marker` (our private temp dir)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            blob = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in blob:
-            found.append(int(proc.name))
-    return found
 
 
 def kill_processes_using(marker: str, timeout: float = 20) -> None:
