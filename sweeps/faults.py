@@ -11,21 +11,43 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+from typing import Callable
 
 ENV = "SIT_KILL_AT"
-POINTS = ("trial-told",     # a trial's result told to Optuna, its MLflow run still open
-          "trial-logged",   # ... and its MLflow run ended, Tune's state not saved since
-          "card-written",   # the first card of the front written, the others not
-          "worker-epoch")   # a Ray Train worker (the last rank) a second into its second epoch
+POINTS = ("trial-told",      # a trial's result told to Optuna, its MLflow run still open
+          "trial-logged",    # ... and its MLflow run ended, Tune's state not saved since
+          "card-written",    # the first card of the front written, the others not
+          "teacher-epoch",   # the teacher training, its first epoch's checkpoint saved
+          "front-measured",  # the front timed end to end, none of the measurements written
+          "worker-epoch")    # a Ray Train worker (the last rank) a second into its second epoch
 
-DRIVER_POINTS = POINTS[:3]
+DRIVER_POINTS = POINTS[:5]
+
+
+def armed(name: str) -> bool:
+    assert name in POINTS, name
+    return os.environ.get(ENV) == name
+
+
+def kill_when(name: str, ready: Callable[[], bool], every_s: float = 0.2) -> None:
+    """Kill this process as soon as `ready()` holds (polled from a thread: the point is inside work
+    this process waits on, e.g. a Ray Train run's first checkpoint)."""
+    if not armed(name):
+        return
+
+    def poll() -> None:
+        while not ready():
+            time.sleep(every_s)
+        kill_point(name)
+
+    threading.Thread(target=poll, daemon=True, name=f"kill-at-{name}").start()
 
 
 def kill_point(name: str, *, after_s: float = 0.0) -> None:
     """Kill this process here (or `after_s` later, from a timer: mid-way through what follows). With
     `SIT_KILL_ONCE=<file>` only the first process to create that file dies (restarted workers go on)."""
-    assert name in POINTS, name
-    if os.environ.get(ENV) != name:
+    if not armed(name):
         return
     once = os.environ.get("SIT_KILL_ONCE")
     if once:

@@ -230,9 +230,15 @@ def make_plan(args) -> Plan:
         # it names a directory, a Tune experiment and an MLflow tag matched in filters (no quotes)
         raise ValueError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     found = storage.exists(storage.join(out, "ray", name))
-    if args.resume and not found:
-        raise ValueError(f"nothing to resume: no sweep {name!r} in {out}")
-    if not args.resume and found:
+    resume = args.resume
+    if resume and not found:
+        if not storage.exists(storage.join(out, "ray")):
+            raise ValueError(f"nothing to resume: no sweep {name!r} in {out}")
+        # killed before the sweep's first save (e.g. while its teacher trained): start it; the
+        # teacher's training resumes from its own checkpoints there
+        print(f"resume: sweep {name!r} saved nothing in {out} yet: starting it")
+        resume = False
+    if not resume and found:
         raise ValueError(f"sweep {name!r} already exists in {out}: pass --resume to continue it, "
                          "or choose another --name/--out")
     optuna_url = storage.check_sqlite_url(args.optuna_storage) if args.optuna_storage else None
@@ -243,7 +249,7 @@ def make_plan(args) -> Plan:
                 trials=trials, concurrent=args.concurrent, sampler=args.sampler,
                 objectives=parse_objectives(args.objectives), reducers=reducers,
                 constraints=Constraints(args.max_latency_ms, args.min_top1), warm_start=not args.no_warm_start,
-                resume=args.resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
+                resume=resume, export=args.export, seed=args.seed, workers=args.workers, gpu=args.gpu,
                 cpus_per_worker=args.cpus_per_worker, address=args.address, latency=args.latency,
                 latency_resource=args.latency_resource, smoke=args.smoke_test,
                 latency_table_dir=os.path.abspath(os.path.expanduser(table_dir)) if table_dir else None,
@@ -264,11 +270,21 @@ def main(argv=None) -> int:
     if args.print_config:
         print(job_yaml(plan.job), end="")
         return 0
+    from sweeps import out_guard
     from sweeps.sweep import run_sweep
     try:
         return run_sweep(plan)
+    except out_guard.OutUnusable as e:
+        print(out_guard.advice(str(e)), file=sys.stderr)
+        return out_guard.EXIT_CODE
     except ValueError as e:  # what only the running cluster can tell (e.g. trials that cannot fit)
         p.exit(2, f"{p.prog}: error: {e}\n")
+    except Exception as e:  # a disk that filled or turned read-only where the guard did not look
+        what = out_guard.disk_error(e)
+        if what is None:
+            raise
+        print(out_guard.advice(what), file=sys.stderr)
+        return out_guard.EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the object store, and run one distillation on a `TorchTrainer`.
 """
 from __future__ import annotations
 
+import glob
 import os
 import shlex
 import shutil
@@ -27,6 +28,7 @@ from sit_core.train import device_batches
 
 from . import cluster, storage
 from .cluster import Workers  # noqa: F401  (re-exported: trials and tests import it from here)
+from .faults import kill_when
 from .train_loop import MODEL_FILE, train_func
 
 KEEP_CHECKPOINTS = 2  # the newest two: resume needs one, a crash while writing it leaves the other
@@ -200,8 +202,9 @@ def train_teacher(job: DistillJob, *, workers: Workers, storage: str, dest: Path
     log(f"teacher: {what} {job.model.backbone} for {recipe.epochs} epoch(s) (config {job.teacher_key()}); "
         f"it is cached in {dest.parent} for the next runs")
     t0 = time.time()
-    out = fit(job, mode="teacher", teacher=start, workers=workers, storage_path=storage,
-              run_name=f"teacher-{job.teacher_key()}")
+    run_name = f"teacher-{job.teacher_key()}"
+    kill_when("teacher-epoch", lambda: bool(glob.glob(os.path.join(storage, run_name, "checkpoint_*"))))
+    out = fit(job, mode="teacher", teacher=start, workers=workers, storage_path=storage, run_name=run_name)
     if out.status != "ok" or out.model_path is None:
         raise RuntimeError(f"teacher training failed: {out.failure or out.status}")
     import torch

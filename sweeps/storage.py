@@ -122,10 +122,10 @@ def is_network_fs(fstype: Optional[str]) -> bool:
 def is_local_disk(location: str) -> bool:
     """A plain path (or file:// URI) on this node's own disk, where SQLite can lock."""
     path = local_path(location)
-    return path is not None and not is_network_fs(mount_type(_existing_ancestor(path)))
+    return path is not None and not is_network_fs(mount_type(existing_ancestor(path)))
 
 
-def _existing_ancestor(path: str) -> str:
+def existing_ancestor(path: str) -> str:
     p = Path(path)
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -192,7 +192,7 @@ def check_sqlite_url(url: str) -> str:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if not path or not os.path.isabs(path) or path == ":memory:":
             raise ValueError(f"--optuna-storage {url!r}: give an absolute file, sqlite:////abs/path/optuna.db")
-        fstype = mount_type(_existing_ancestor(path))
+        fstype = mount_type(existing_ancestor(path))
         if is_network_fs(fstype):
             raise ValueError(f"--optuna-storage {url!r} is on a network filesystem ({fstype}): SQLite locks "
                              "unreliably there; keep it on the driver's local disk or use a database server")
@@ -225,7 +225,7 @@ def check_shared_out(out: str, capacity, *, confirmed: bool = False, timeout_s: 
     can_add = capacity.autoscaling and any(not t.head and t.max_count > 0 for t in capacity.types)
     if path is None or (capacity.alive <= 1 and not can_add):
         return
-    anchor = _existing_ancestor(path)
+    anchor = existing_ancestor(path)
     unseen = _nodes_not_seeing(anchor, timeout_s) if capacity.alive > 1 else []
     problem = shared_out_problem(out, alive=capacity.alive, can_add_nodes=can_add, confirmed=confirmed,
                                  fstype=mount_type(anchor), unseen=unseen)

@@ -24,10 +24,12 @@ from search_spaces import SearchSpace, apply_point, warm_starts
 from sit_core import latency
 from sit_core.files import atomic_write_text
 
-from . import cockpit, mlflow_models, pareto_front, results, storage, tracking
+from . import cockpit, mlflow_models, out_guard, pareto_front, results, storage, tracking
 from .export import export_cards, pick_rows, register
+from .faults import kill_point
 from .moasha import ParetoRungs
 from .optuna_search import ParetoOptunaSearch, make_sampler
+from .out_guard import OutGuard
 from .reconcile import reconcile
 from .runner import Session
 from .scheduler import ParetoASHA
@@ -53,6 +55,11 @@ def run_sweep(plan) -> int:
     t0 = time.time()
     job = plan.job
     in_process = plan.workers == 1
+    out = storage.local_path(plan.out)
+    if out:  # before Ray starts: a sweep that cannot write its results does not train a teacher
+        unusable = out_guard.problem(storage.existing_ancestor(out), out_guard.headroom_bytes())
+        if unusable:
+            raise out_guard.OutUnusable(unusable)
     found = []
 
     def before_teacher(cap) -> None:
@@ -294,13 +301,20 @@ def _tuner(plan, trainable, concurrent: int, logger: TrialRunLogger, retries: in
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher(), scheduler=scheduler, num_samples=plan.trials,
                                     max_concurrent_trials=concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1, callbacks=[logger],
+        run_config=tune.RunConfig(name=plan.name, storage_path=plan.storage, verbose=1,
+                                  callbacks=[logger, OutGuard(_written_dirs(plan))],
                                   # preempted (drained) nodes are never counted: `retries` covers spot
                                   # nodes reclaimed without notice (cluster.SPOT_TRIAL_RETRIES)
                                   failure_config=tune.FailureConfig(max_failures=retries, fail_fast=False),
                                   # the newest two: resume needs one, a kill while writing it leaves the other
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
+
+
+def _written_dirs(plan) -> list[str]:
+    """The local directories the sweep writes to: its own files, and --out where that is a path."""
+    out = storage.local_path(plan.out)
+    return [plan.local_dir] + ([out] if out and os.path.isdir(out) else [])
 
 
 def confirm_front(plan, table: pd.DataFrame, serving: ServingTarget, teacher_speed: dict) -> tuple[pd.DataFrame, dict]:
@@ -321,6 +335,7 @@ def confirm_front(plan, table: pd.DataFrame, serving: ServingTarget, teacher_spe
           f"architectures) end to end, interleaved with the teacher: {rounds} rounds on {serving.describe()}")
     t0 = time.time()
     records = serving.measure(specs, rounds=rounds)
+    kill_point("front-measured")
     teacher = records["teacher"]
     table = results.confirmed(table, {i: records[k] for i, k in key_of.items()}, teacher, plan.objectives,
                               plan.constraints)

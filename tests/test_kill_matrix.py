@@ -3,28 +3,38 @@
 study and MLflow, nothing left RUNNING, and the cards equal to the front.
 
 Points: a trial told to Optuna with its MLflow run still open; told and its run ended but Tune's
-state not saved since; the first card of the front written. A kill right after Tune saved a
+state not saved since; the front measured end to end, none of it written; the first card of the
+front written; the teacher training (its first epoch saved). A kill right after Tune saved a
 finished trial, and a kill while a trial trains, are tests/test_sweep_e2e.py's resume fixture.
+A full --out mid-run stops the sweep like a kill, with a clear message (sweeps/out_guard.py).
 And a Ray Train worker of a two-worker trial killed a second into its second epoch: Ray Train
 restarts the worker group from the first epoch's checkpoint inside the same trial, which MLflow
 shows as one run.
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from sweeps.faults import DRIVER_POINTS, ENV
-from test_sweep_e2e import (SWEEP, assert_ok, cache_dir, kill_processes_using,  # noqa: F401 (fixtures)
-                            pareto_table, parent_and_children, private_tmp, run_pareto, sweep_env)
+from sweeps.out_guard import EXIT_CODE, HEADROOM_ENV
+from test_sweep_e2e import (PARETO, ROOT, SWEEP, assert_ok, cache_dir,  # noqa: F401 (fixtures)
+                            finished_children, kill_processes_using, pareto_table, parent_and_children, private_tmp,
+                            run_pareto, sweep_env)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("point", DRIVER_POINTS)
+@pytest.mark.parametrize("point", [p for p in DRIVER_POINTS if p != "teacher-epoch"])
 def test_a_sweep_killed_at_any_point_resumes_to_one_record_per_trial(point, tmp_path, private_tmp,  # noqa: F811
                                                                       cache_dir):  # noqa: F811
-    import optuna
-
     out = tmp_path / "out"
     args = ["--smoke-test", "--out", str(out), "--trials", "3", "--concurrent", "1"]
     first = run_pareto(args, {**sweep_env(private_tmp, cache_dir), ENV: point}, tmp_path / "first.log")
@@ -35,9 +45,72 @@ def test_a_sweep_killed_at_any_point_resumes_to_one_record_per_trial(point, tmp_
     kill_processes_using(private_tmp)
     assert_ok(resumed)
     assert "resume: " in resumed.stdout  # the reconciliation said what it found
+    assert_one_record_per_trial(out, 3)
+
+
+def test_a_sweep_killed_while_its_teacher_trains_resumes_the_teacher(tmp_path, private_tmp):  # noqa: F811
+    """Its own teacher cache (the module's holds the smoke teacher): the teacher trains 2 epochs, the
+    driver dies once the first is checkpointed; `--resume` finds no sweep saved yet, starts it, and the
+    teacher goes on from epoch 2 into one cached file."""
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["--smoke-test", "--out", str(out), "--trials", "2", "--concurrent", "1",
+            "--set", "teacher_train.epochs=2"]
+    first = run_pareto(args, {**sweep_env(private_tmp, str(cache)), ENV: "teacher-epoch"}, tmp_path / "first.log")
+    kill_processes_using(private_tmp)
+    assert first.returncode == -9, f"the driver did not die while the teacher trained:\n{first.stdout[-3000:]}"
+    assert not list(cache.glob("teachers/*.pt")), "a teacher was cached before it finished"
+
+    resumed = run_pareto(args + ["--resume"], sweep_env(private_tmp, str(cache)), tmp_path / "resumed.log")
+    kill_processes_using(private_tmp)
+    assert_ok(resumed)
+    assert "saved nothing" in resumed.stdout and "starting at epoch 2" in resumed.stdout
+    teachers = list(cache.glob("teachers/*.pt"))
+    assert len(teachers) == 1 and json.loads(teachers[0].with_suffix(".json").read_text())["metrics"]["epoch"] == 2
+    assert_one_record_per_trial(out, 2)
+
+
+def test_a_full_out_stops_the_sweep_with_a_clear_error_and_it_resumes_once_there_is_room(  # noqa: F811
+        tmp_path, private_tmp, cache_dir):  # noqa: F811
+    """A real full disk, scaled down: the sweep keeps `free now - 1 GiB` free (SIT_OUT_HEADROOM_MB);
+    after its first trial a 2 GiB file takes the room (fallocate), the sweep stops (exit 75) saying
+    why; the file removed, `--resume` finishes with one record per trial."""
+    out = tmp_path / "out"
+    args = ["--smoke-test", "--out", str(out), "--trials", "3", "--concurrent", "1"]
+    headroom_mb = shutil.disk_usage(tmp_path).free // 2**20 - 1024
+    env = {**sweep_env(private_tmp, cache_dir), HEADROOM_ENV: str(headroom_mb)}
+    filler = tmp_path / "filler"
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, PARETO, *args], cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 600
+            while not finished_children(out) and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            assert proc.poll() is None, f"the sweep ended before its first trial did:\n{log.read_text()[-3000:]}"
+            with open(filler, "wb") as g:
+                os.posix_fallocate(g.fileno(), 0, 2 * 2**30)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    kill_processes_using(private_tmp)
+    text = log.read_text()
+    assert rc == EXIT_CODE, f"exit {rc}:\n{text[-3000:]}"
+    assert "MiB free" in text and "--resume" in text and "Traceback" not in text.split("stopping the sweep")[-1]
+
+    filler.unlink()
+    resumed = run_pareto(args + ["--resume"], env, tmp_path / "resumed.log")
+    kill_processes_using(private_tmp)
+    assert_ok(resumed)
+    assert_one_record_per_trial(out, 3)
+
+
+def assert_one_record_per_trial(out, n: int) -> None:
+    import optuna
 
     table = pareto_table(out)
-    assert len(table) == 3 and table["trial_id"].is_unique, table[["trial_id", "status"]]
+    assert len(table) == n and table["trial_id"].is_unique, table[["trial_id", "status"]]
     assert table["status"].isin(["ok", "stopped"]).all(), table[["trial_id", "status", "failure"]]
     parent, children = parent_and_children(out)
     assert parent.info.status == "FINISHED"

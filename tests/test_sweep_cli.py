@@ -196,3 +196,15 @@ def test_plan_defaults(dirs, monkeypatch):
     assert make_scheduler(none) is None  # --grace is not checked when nothing schedules
     # early stopping starts more candidates in the same time; without it, fewer train to the end
     assert (full.trials, none.trials) == (pareto.DEFAULT_TRIALS, pareto.DEFAULT_TRIALS_FULL_BUDGET) == (16, 6)
+
+
+def test_resume_of_a_sweep_killed_before_its_first_save_starts_it(tmp_path, capsys):
+    """Killed while its teacher trained: `--out` holds the teacher's Ray Train run, no sweep yet."""
+    sys.path.insert(0, str(ROOT))
+    from sweeps import pareto
+
+    (tmp_path / "out" / "ray" / "teacher-abc").mkdir(parents=True)
+    _, plan = pareto.parse_or_exit(pareto.build_parser(), pareto.make_plan,
+                                   ["--smoke-test", "--out", str(tmp_path / "out"), "--resume"])
+    assert plan.resume is False
+    assert "saved nothing" in capsys.readouterr().out
