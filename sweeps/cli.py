@@ -115,8 +115,8 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def job_from_args(args) -> DistillJob:
-    """The preset, the --config file, the flags, --set, what follows from the model, then --smoke-test:
-    one validated job, every step through `override`."""
+    """The preset, the --config file, the flags, --set, what follows from the model, then --smoke-test
+    (and --set again: it is the last word): one validated job, every step through `override`."""
     preset = get_preset(args.preset)
     given = _flatten(_read_config(args.config)) if args.config else {}
     job = override(preset, given)
@@ -133,7 +133,7 @@ def job_from_args(args) -> DistillJob:
     follow = _follow_model(job, model, new_backbone=new_backbone, card=args.teacher_card,
                            fixed=set(sets) | (set() if by_flag else set(given)))
     job = override(job, {**follow, **sets})
-    return smoke(job) if args.smoke_test else job
+    return override(smoke(job), sets) if args.smoke_test else job  # --set stays last, as --help says
 
 
 def _flag_changes(args, job: DistillJob) -> dict:

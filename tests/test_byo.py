@@ -376,3 +376,10 @@ def test_a_folder_smaller_than_a_batch_still_trains(folder):
     assert len(splits.train) == 27
     assert [len(x) for x, _ in train_loader(splits.train, 64)] == [27]         # one short batch, not none
     assert [len(x) for x, _ in train_loader(splits.train, 8)] == [8, 8, 8]     # else full batches only
+
+
+def test_set_is_the_last_word_even_over_the_smoke_test():
+    """--help says --set is applied last: a smoke run of a changed recipe keeps the change."""
+    job = job_of("--smoke-test", "--set", "teacher_train.epochs=2", "--set", "train.epochs=3")
+    assert job.teacher_train.epochs == 2 and job.train.epochs == 3
+    assert job.train.max_steps_per_epoch == 4  # the rest of the smoke shrink stays
