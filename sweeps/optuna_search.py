@@ -37,6 +37,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from sit_core.files import atomic_write
+
 from .cli import SAMPLERS
 from .faults import kill_point
 
@@ -185,8 +187,7 @@ class ParetoOptunaSearch(Searcher):
         self._ids, self._study = {}, None
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            pickle.dump(self.get_state(), f)
+        atomic_write(checkpoint_path, lambda f: pickle.dump(self.get_state(), f))  # restore never reads half
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:

@@ -21,6 +21,8 @@ import moocore
 import numpy as np
 import pandas as pd
 
+from sit_core.files import atomic_write_text
+
 FEASIBLE_COL = "feasible"
 _SIGN = {"max": -1.0, "maximize": -1.0, "min": 1.0, "minimize": 1.0}  # to minimisation form
 
@@ -294,10 +296,7 @@ def plot_pareto_html(df: pd.DataFrame, objectives: Mapping[str, str], path: str 
                    f'fill="transparent"/><circle cx="{width - right + 30}" cy="{ly - 2}" r="6" class="g-{group} key"/>'
                    f'<text x="{width - right + 44}" y="{ly + 3}">{esc(text)}</text></g>')
     page = _HTML.format(title=esc(title or "Pareto front"), width=width, height=height, svg="\n".join(svg))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)
 
 
 def _padded(values: np.ndarray) -> tuple[float, float]:
