@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import moocore
 import numpy as np
@@ -120,12 +120,14 @@ def hypervolume_history(df: pd.DataFrame, objectives: Mapping[str, str], referen
     return history
 
 
-def near_front(df: pd.DataFrame, objectives: Mapping[str, str], tolerance: float = 0.05) -> pd.Series:
-    """Rows on the front, or within `tolerance` (relative, per objective) of being on it: a row counts
-    if improving each of its objectives by `tolerance` would make it non-dominated."""
+def near_front(df: pd.DataFrame, objectives: Mapping[str, str], tolerance: float = 0.05,
+               uncertain: Optional[Sequence[str]] = None) -> pd.Series:
+    """Rows on the front, or within `tolerance` (relative) of being on it: a row counts if improving
+    each of its `uncertain` objectives (default: all) by `tolerance` would make it non-dominated."""
     loss = losses(df, objectives)
     candidates = _candidates(df, loss)
-    improved = loss - np.abs(loss) * tolerance
+    loosened = np.array([uncertain is None or name in uncertain for name in objectives], dtype=float)
+    improved = loss - np.abs(loss) * tolerance * loosened
     front = loss[pareto_mask(df, objectives).to_numpy()]
     out = np.zeros(len(df), dtype=bool)
     for i in np.flatnonzero(candidates):

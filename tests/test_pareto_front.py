@@ -145,6 +145,12 @@ def test_near_front_holds_the_front_and_points_within_tolerance():
     # front: 0, 1; 2 and 4 are within 5% of a front point; 3 is far behind 1 (slower and less accurate)
     assert pareto_mask(df, OBJ2).tolist() == [True, True, False, False, False]
     assert near.tolist() == [True, True, True, False, True]
+    # only latency loosened (accuracy is measured, latency predicted): 77% at 6.0 ms stays behind 80% at
+    # 5.0 ms however its latency errs by 5%, but 5% of 77 would put it level with 80
+    df = pd.concat([df, pd.DataFrame({"top1": [77.0], "latency_ms": [6.0]})], ignore_index=True)
+    assert near_front(df, OBJ2, tolerance=0.05).tolist()[-1]
+    assert near_front(df, OBJ2, tolerance=0.05, uncertain=("latency_ms",)).tolist() == \
+        [True, True, True, False, True, False]
 
 
 def test_knee_point_and_budget_pick():
