@@ -84,3 +84,24 @@ def test_a_sweep_on_a_full_out_refuses_before_ray_starts(tmp_path):
     assert result.returncode == out_guard.EXIT_CODE, result.stderr[-2000:]
     assert "MiB free" in result.stderr and "--resume" in result.stderr and "Traceback" not in result.stderr
     assert "ray" not in result.stdout.lower() and not out.exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only filesystem: a small tmpfs mounted read-only where this user may mount (root on
+    this machine), else /sys, which no process may create files in."""
+    target = tmp_path / "ro"
+    target.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)],
+                             capture_output=True).returncode == 0
+    try:
+        yield str(target) if mounted else "/sys"
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_read_only_directory_is_refused_with_the_os_reason(read_only_dir):
+    found = out_guard.problem(read_only_dir, headroom=0)
+    assert found and found.startswith(f"cannot write to {read_only_dir} (")
+    assert "Read-only file system" in found or "Permission denied" in found
