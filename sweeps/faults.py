@@ -4,7 +4,8 @@
 A trial's end is written to three stores in a fixed order (Optuna, then MLflow; Tune's experiment
 state every few seconds), and a kill can fall between any two writes. Killing from outside cannot
 hit those windows reliably; these points can, so every case of the kill matrix is a test
-(tests/test_kill_matrix.py). Unset, `kill_point` is a dictionary lookup.
+(tests/test_kill_matrix.py). `SIT_HOLD_AT` holds a process at a point instead, until the test
+removes a file. Unset, `kill_point` is two dictionary lookups.
 """
 from __future__ import annotations
 
@@ -44,9 +45,25 @@ def kill_when(name: str, ready: Callable[[], bool], every_s: float = 0.2) -> Non
     threading.Thread(target=poll, daemon=True, name=f"kill-at-{name}").start()
 
 
+HOLD_ENV = "SIT_HOLD_AT"  # "<point>:<file>": the process waits at <point> while <file> exists
+
+
+def hold_point(name: str) -> None:
+    """Wait here while the hold file exists (touching `<file>.reached` first): a test does something
+    at this exact moment (fills the disk), then lets the process go on."""
+    point, _, flag = os.environ.get(HOLD_ENV, "").partition(":")
+    if point != name or not flag or not os.path.exists(flag):
+        return
+    open(flag + ".reached", "w").close()
+    while os.path.exists(flag):
+        time.sleep(0.1)
+
+
 def kill_point(name: str, *, after_s: float = 0.0) -> None:
     """Kill this process here (or `after_s` later, from a timer: mid-way through what follows). With
-    `SIT_KILL_ONCE=<file>` only the first process to create that file dies (restarted workers go on)."""
+    `SIT_KILL_ONCE=<file>` only the first process to create that file dies (restarted workers go on).
+    A point held (`SIT_HOLD_AT`) waits first."""
+    hold_point(name)
     if not armed(name):
         return
     once = os.environ.get("SIT_KILL_ONCE")

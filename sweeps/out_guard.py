@@ -76,8 +76,9 @@ def disk_error(e: BaseException) -> Optional[str]:
 
 
 class OutGuard(tune.Callback):
-    """Checks the sweep's local directories every few seconds of Tune's loop; on a problem it prints
-    why and ends the driver at once (Ray's processes with it), leaving the stores as a kill would."""
+    """Checks the sweep's local directories every few seconds of Tune's loop (and the sweep once more
+    after it); on a problem it prints why and ends the driver at once (Ray's processes with it),
+    leaving the stores as a kill would."""
 
     def __init__(self, directories: Iterable[str], every_s: float = 2.0):
         self.directories = sorted(set(directories))
@@ -89,11 +90,16 @@ class OutGuard(tune.Callback):
         if now - self._last < self.every_s:
             return
         self._last = now
-        headroom = headroom_bytes()
-        for directory in self.directories:
-            found = problem(directory, headroom)
-            if found:
-                stop(found)
+        check(self.directories)
+
+
+def check(directories: Iterable[str]) -> None:
+    """Stop the sweep (see `stop`) if any of `directories` cannot take its writes."""
+    headroom = headroom_bytes()
+    for directory in directories:
+        found = problem(directory, headroom)
+        if found:
+            stop(found)
 
 
 def stop(what: str) -> None:

@@ -141,6 +141,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         views = cockpit.mlflow_views(plan.tracking_uri, exp_id, parent, plan.name, plan.objectives)
         print(f"watch the trials live: {tracking.mlflow_ui_command(plan.tracking_uri)}\n  then open {views['trials']}")
         grid = tuner.fit()
+        out_guard.check(_written_dirs(plan))  # the table, the confirmation's records and the cards need room too
         trials = _trials(grid, tracking.trial_table(plan.tracking_uri, exp_id, parent), plan.storage)
         table = results.build(grid.get_dataframe(), trials, objectives=plan.objectives, constraints=plan.constraints)
         _package_missing(table, package, plan.tracking_uri)

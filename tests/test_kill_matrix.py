@@ -21,13 +21,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from sweeps.faults import DRIVER_POINTS, ENV
+from sweeps.faults import DRIVER_POINTS, ENV, HOLD_ENV
 from sweeps.out_guard import EXIT_CODE, HEADROOM_ENV
 from test_sweep_e2e import (PARETO, ROOT, SWEEP, assert_ok, cache_dir,  # noqa: F401 (fixtures)
-                            finished_children, kill_processes_using, pareto_table, parent_and_children, private_tmp,
+                            kill_processes_using, pareto_table, parent_and_children, private_tmp,
                             run_pareto, sweep_env)
 
 pytestmark = pytest.mark.slow
@@ -73,13 +74,16 @@ def test_a_sweep_killed_while_its_teacher_trains_resumes_the_teacher(tmp_path, p
 
 def test_a_full_out_stops_the_sweep_with_a_clear_error_and_it_resumes_once_there_is_room(  # noqa: F811
         tmp_path, private_tmp, cache_dir):  # noqa: F811
-    """A real full disk, scaled down: the sweep keeps `free now - 1 GiB` free (SIT_OUT_HEADROOM_MB);
-    after its first trial a 2 GiB file takes the room (fallocate), the sweep stops (exit 75) saying
-    why; the file removed, `--resume` finishes with one record per trial."""
+    """A real full disk, scaled down: the sweep keeps `free now - 1 GiB` free (SIT_OUT_HEADROOM_MB).
+    The driver is held right after its first trial is logged (SIT_HOLD_AT), a 2 GiB file takes the
+    room (fallocate), then it goes on: it stops (exit 75) saying why, with no traceback. The file
+    removed, `--resume` finishes with one record per trial."""
     out = tmp_path / "out"
     args = ["--smoke-test", "--out", str(out), "--trials", "3", "--concurrent", "1"]
     headroom_mb = shutil.disk_usage(tmp_path).free // 2**20 - 1024
-    env = {**sweep_env(private_tmp, cache_dir), HEADROOM_ENV: str(headroom_mb)}
+    hold = tmp_path / "hold"
+    hold.touch()
+    env = {**sweep_env(private_tmp, cache_dir), HEADROOM_ENV: str(headroom_mb), HOLD_ENV: f"trial-logged:{hold}"}
     filler = tmp_path / "filler"
     log = tmp_path / "first.log"
     with open(log, "w") as f:
@@ -87,12 +91,14 @@ def test_a_full_out_stops_the_sweep_with_a_clear_error_and_it_resumes_once_there
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 600
-            while not finished_children(out) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.5)
-            assert proc.poll() is None, f"the sweep ended before its first trial did:\n{log.read_text()[-3000:]}"
+            while not Path(f"{hold}.reached").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, f"the sweep ended before its first trial was logged:\n{log.read_text()[-3000:]}"
             with open(filler, "wb") as g:
                 os.posix_fallocate(g.fileno(), 0, 2 * 2**30)
-            rc = proc.wait(timeout=120)
+            time.sleep(2.5)  # past the guard's 2 s between checks
+            hold.unlink()
+            rc = proc.wait(timeout=300)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -102,7 +108,8 @@ def test_a_full_out_stops_the_sweep_with_a_clear_error_and_it_resumes_once_there
     assert "MiB free" in text and "--resume" in text and "Traceback" not in text.split("stopping the sweep")[-1]
 
     filler.unlink()
-    resumed = run_pareto(args + ["--resume"], env, tmp_path / "resumed.log")
+    resumed = run_pareto(args + ["--resume"], sweep_env(private_tmp, cache_dir) | {HEADROOM_ENV: str(headroom_mb)},
+                         tmp_path / "resumed.log")
     kill_processes_using(private_tmp)
     assert_ok(resumed)
     assert_one_record_per_trial(out, 3)
