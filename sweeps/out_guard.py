@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Iterable, Optional
 
+import ray
 from ray import tune
 
 HEADROOM_ENV = "SIT_OUT_HEADROOM_MB"
@@ -105,6 +106,5 @@ def check(directories: Iterable[str]) -> None:
 def stop(what: str) -> None:
     print("\n" + advice(what), file=sys.stderr, flush=True)
     sys.stdout.flush()
-    import ray
     ray.shutdown()  # the trials die with the driver, mid-epoch, as in a kill: resume continues them
     os._exit(EXIT_CODE)
