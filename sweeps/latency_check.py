@@ -110,8 +110,18 @@ def stability(runs: pd.DataFrame) -> dict:
     per model over the confirmations (ddof 1), Kendall tau between the first two columns' orderings."""
     cv = runs.std(axis=1, ddof=1) / runs.mean(axis=1)
     tau = runs.iloc[:, 0].corr(runs.iloc[:, 1], method="kendall") if runs.shape[1] > 1 else float("nan")
-    return {"cv": cv, "cv_median": float(cv.median()), "cv_max": float(cv.max()),
-            "cv_within_goal": int((cv <= STABILITY_GOAL[0]).sum()), "kendall": float(tau)}
+    out = {"cv": cv, "cv_median": float(cv.median()), "cv_max": float(cv.max()),
+           "cv_within_goal": int((cv <= STABILITY_GOAL[0]).sum()), "kendall": float(tau)}
+    if "teacher" in runs.index and len(runs) > 1:
+        # each model over the teacher timed beside it: what a card's speed-up is made of, without the
+        # machine's own drift between confirmations (which every model shares)
+        relative = runs.drop(index="teacher") / runs.loc["teacher"]
+        rel_cv = relative.std(axis=1, ddof=1) / relative.mean(axis=1)
+        teacher = runs.loc["teacher"]
+        out.update(relative_cv=rel_cv, relative_cv_median=float(rel_cv.median()), relative_cv_max=float(rel_cv.max()),
+                   relative_within_goal=int((rel_cv <= STABILITY_GOAL[0]).sum()),
+                   teacher_change=float(teacher.max() / teacher.min() - 1))
+    return out
 
 
 def confirm(specs: dict, speed, *, confirmations: int, rounds: int, iters: int, warmup: int,
@@ -242,6 +252,12 @@ def report_stability(runs: pd.DataFrame, what: str) -> Optional[dict]:
     print(f"  coefficient of variation per model: median {st['cv_median']:.2%}, max {st['cv_max']:.2%}; "
           f"{st['cv_within_goal']}/{len(runs)} models <= {STABILITY_GOAL[0]:.0%}")
     print(f"  Kendall tau between the first two orderings: {st['kendall']:.3f}")
+    if "relative_cv" in st:
+        n = len(st["relative_cv"])
+        print(f"  the teacher's own latency moved {st['teacher_change']:.1%} between confirmations (the machine's "
+              "speed, shared by every model)")
+        print(f"  each model over the teacher timed beside it (its speed-up): CV median {st['relative_cv_median']:.2%}, "
+              f"max {st['relative_cv_max']:.2%}; {st['relative_within_goal']}/{n} models <= {STABILITY_GOAL[0]:.0%}")
     ok = st["cv_max"] <= STABILITY_GOAL[0] and st["kendall"] >= STABILITY_GOAL[1]
     print(f"  goal: every CV <= {STABILITY_GOAL[0]:.0%} and tau >= {STABILITY_GOAL[1]} -> {'met' if ok else 'NOT met'}")
     return st

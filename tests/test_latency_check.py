@@ -36,6 +36,18 @@ def test_stability_figures():
     assert st["kendall"] == pytest.approx(1.0)
     swapped = pd.DataFrame({"c1": [1.0, 2.0, 3.0], "c2": [2.0, 1.0, 3.0]})
     assert stability(swapped)["kendall"] == pytest.approx(1 / 3)
+    assert "relative_cv" not in st  # no teacher among the models: no speed-ups
+
+
+def test_stability_over_the_teacher_separates_the_machines_drift():
+    """The second confirmation ran on a machine 10% slower for everyone, and model b moved 5% more:
+    absolute CVs see the drift, the teacher-relative CV only b's own change."""
+    runs = pd.DataFrame({"c1": [100.0, 50.0, 40.0], "c2": [110.0, 55.0, 44.0 * 1.05]}, index=["teacher", "a", "b"])
+    st = stability(runs)
+    assert st["cv_max"] > 0.06 and st["teacher_change"] == pytest.approx(0.10)
+    assert st["relative_cv"]["a"] == pytest.approx(0.0, abs=1e-12)
+    assert st["relative_cv"]["b"] == pytest.approx(pd.Series([0.4, 0.4 * 1.05]).std() / (0.4 * 1.025))
+    assert st["relative_within_goal"] == 1 and "teacher" not in st["relative_cv"]
 
 
 def test_held_out_schedules_come_from_the_search_space():
@@ -100,7 +112,8 @@ def test_front_check_reconfirms_a_finished_sweeps_front(tmp_path, capsys):
     printed = capsys.readouterr().out
     for needle in ("re-confirming the front", "2 architecture(s) + the teacher", "confirmation 2/2",
                    "stability over 2 independent confirmations of the same 3 models", "coefficient of variation",
-                   "Kendall tau between the first two orderings", "against the sweep's own confirmation",
+                   "Kendall tau between the first two orderings", "over the teacher timed beside it",
+                   "against the sweep's own confirmation",
                    "protocol (end to end", "goal"):
         assert needle in printed, needle
     frame = pd.read_csv(csv).set_index("schedule")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from sweeps.candidates import CandidateTable, synthetic_table
-from sweeps.replay import default_budget, run_benchmark, simulate, summarise
+from sweeps.replay import ceiling, default_budget, run_benchmark, simulate, summarise
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +126,28 @@ def test_the_replay_ranks_the_sampler_the_table_favours_first(table):
     assert summarise(runs, budget)[0].equals(summary)  # summarising is deterministic too
 
 
+def test_the_room_a_table_leaves_bounds_every_replayed_front(table):
+    """With the nearest oracle every answer is a recorded candidate: no simulated sweep can beat the
+    front of the whole table, and that front cannot beat one model with its best top-1 and lowest
+    latency. The summary turns both into ratios over random search after `at_trials` trials."""
+    room = ceiling(table, table.oracle("nearest"), points=50)
+    ok = table.frame[table.frame["status"].eq("ok")]
+    assert room["best_top1"] == pytest.approx(ok["top1_e4"].max())
+    assert room["lowest_latency_ms"] == pytest.approx(table.frame["latency_ms"].min())
+    budget = default_budget(table, 16, 2)
+    runs = run_benchmark(table, samplers=["random", "tpe"], schedulers=["none"], seeds=2, budget_s=budget,
+                         oracle="nearest", log=lambda *_: None)
+    best_run = max(r.hv_at(budget) for r in runs)
+    assert 0 < best_run <= room["front_hv"] + 1e-9 < room["utopia_hv"]
+    _, goals = summarise(runs, budget, at_trials=8, room=room)
+    assert goals["utopia_ratio"] == pytest.approx(room["utopia_hv"] / goals["random_hv_at_trials"])
+    assert goals["front_ratio"] <= goals["utopia_ratio"]
+
+
 def test_replay_cli_writes_its_table_and_plots(tmp_path):
     out = tmp_path / "replay"
     r = subprocess.run([sys.executable, str(ROOT / "sweeps" / "replay.py"), "--synthetic", "--samplers", "random,tpe",
-                        "--schedulers", "none,moasha", "--seeds", "2", "--budget-trials", "10", "--oracle", "nearest",
+                        "--schedulers", "none,moasha", "--seeds", "2", "--budget-trials", "10", "--at-trials", "6", "--oracle", "nearest",
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("replay_summary.csv", "replay_trials.csv", "replay_curves.csv", "replay_hypervolume.png",
@@ -138,7 +156,10 @@ def test_replay_cli_writes_its_table_and_plots(tmp_path):
     assert (out / "replay_hypervolume.png").read_bytes()[:4] == b"\x89PNG"
     summary = pd.read_csv(out / "replay_summary.csv")
     assert sorted(summary["method"]) == ["random/moasha", "random/none", "tpe/moasha", "tpe/none"]
-    assert "goal 1:" in r.stdout and "goal 2:" in r.stdout and "Mann-Whitney" in r.stdout
+    assert "goal 1:" in r.stdout and "goal 2:" in r.stdout and "Mann-Whitney" in r.stdout and "room:" in r.stdout
+    import json
+    goals = json.loads((out / "replay_goals.json").read_text())
+    assert goals["front_hv"] <= goals["utopia_hv"] and goals["random_hv_at_trials"] > 0
 
 
 @pytest.mark.parametrize("args, message", [(["--samplers", "cmaes"], "choose from tpe, nsga2, random, gp"),
