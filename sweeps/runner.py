@@ -209,5 +209,7 @@ def train_teacher(job: DistillJob, *, workers: Workers, storage: str, dest: Path
         raise RuntimeError(f"teacher training failed: {out.failure or out.status}")
     import torch
     state = torch.load(out.model_path, map_location="cpu", weights_only=True)
-    metrics = {k: out.metrics[k] for k in ("val_top1", "test_top1", "epoch") if k in out.metrics}
+    metrics = {k: out.metrics[k] for k in ("val_top1", "test_top1", "epoch", "resumed_from_epoch") if k in out.metrics}
+    if metrics.get("resumed_from_epoch"):
+        log(f"teacher: went on from its epoch-{metrics['resumed_from_epoch']} checkpoint")
     return teachers.save(job, state, metrics, dest, train_s=round(time.time() - t0, 1), **record)
