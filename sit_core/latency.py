@@ -33,7 +33,7 @@ import json
 import platform
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
@@ -167,8 +167,6 @@ class LatencyTable:
     protocol: str
     build_s: float
     path: Optional[str] = field(default=None, compare=False)
-    # this machine's speed now over its speed when the table was built (`calibrated`); never stored
-    scale: float = field(default=1.0, compare=False)
 
     @property
     def reducers(self) -> tuple[str, ...]:
@@ -200,17 +198,8 @@ class LatencyTable:
         """{stem, blocks, reducers, head, offset, total} in ms per batch."""
         parts = self._parts(as_schedule(schedule))
         parts["offset"] = self.offset_ms
-        parts = {k: v * self.scale for k, v in parts.items()}
         parts["total"] = sum(parts.values())
         return parts
-
-    def calibrated(self, teacher_ms: float) -> "LatencyTable":
-        """This table with every prediction scaled so that the teacher's is `teacher_ms` (measured now):
-        the parts keep their proportions, the level follows the machine's speed today."""
-        if not (np.isfinite(teacher_ms) and teacher_ms > 0):
-            raise ValueError(f"a calibration needs a positive teacher latency, got {teacher_ms!r}")
-        built = sum(self._parts(as_schedule(None)).values()) + self.offset_ms
-        return replace(self, scale=float(teacher_ms / built))
 
     def _parts(self, s) -> dict[str, float]:
         depth, num_patches, _, _ = self.fingerprint["geometry"]
@@ -248,8 +237,7 @@ class LatencyTable:
         return (f"latency table for {fp['backbone']} ({', '.join(self.reducers) or 'no reducer'}), batch "
                 f"{fp['batch_size']} {fp['dtype']} on {fp['device_name']} [{fp['device']}, {where}], built in "
                 f"{self.build_s:.0f} s: teacher {teacher:.3f} ms end to end, {parts:.3f} ms in parts; offset "
-                f"{self.offset_ms:+.3f} ms (median over {len(self.parts['calibration']['ms'])} whole models)"
-                + (f"; calibrated to this machine now: x{self.scale:.3f}" if self.scale != 1.0 else ""))
+                f"{self.offset_ms:+.3f} ms (median over {len(self.parts['calibration']['ms'])} whole models)")
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "protocol": self.protocol, "build_s": self.build_s,
@@ -460,14 +448,11 @@ def _attention_stats(block: nn.Module, xs: Mapping[int, torch.Tensor], device, d
 
 def ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("tsm",), *,
                  directory: Optional[PathLike] = None, threads: Optional[int] = None,
-                 protocol: Protocol = Protocol(), log: Callable[[str], None] = print,
-                 calibrate: bool = True) -> LatencyTable:
+                 protocol: Protocol = Protocol(), log: Callable[[str], None] = print) -> LatencyTable:
     """The stored table for this backbone on this device if it matches, else a new one (saved).
 
     A table whose fingerprint differs from this device's, that is corrupt or partial, or that lacks a
     reducer asked for, is rebuilt (with a LatencyTableWarning for the first two) and never used as is.
-    A stored table is `recalibrate`d (unless `calibrate` is False): a machine's speed drifts between
-    the day its table was built and today, and that drift is the same for every candidate.
     """
     threads = threads or serving_threads(speed)
     fp = fingerprint(spec, speed, threads, protocol)
@@ -489,26 +474,11 @@ def ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str] = ("
                 needed |= set(table.parts)
             else:
                 log(f"{table.describe()}; loaded from {path}")
-                return recalibrate(table, spec, speed, threads=threads, protocol=protocol, log=log) if calibrate else table
+                return table
     table = build_table(spec, speed, sorted(needed & set(REDUCERS)), threads=threads, protocol=protocol, log=log)
     table.save(path)
     log(f"{table.describe()}; saved to {path}")
     return table
-
-
-def recalibrate(table: LatencyTable, spec: ModelSpec, speed: SpeedSpec, *, threads: Optional[int] = None,
-                protocol: Protocol = Protocol(), log: Callable[[str], None] = print) -> LatencyTable:
-    """`table` calibrated on the teacher timed end to end now (the protocol's warm-up, then a third
-    of its rounds, at least 3; median): one model, seconds even for DeiT-S on a CPU."""
-    t0 = time.time()
-    rounds = max(3, protocol.rounds // 3)
-    record = measure_models({"teacher": spec.teacher()}, speed, rounds=rounds, warmup=protocol.warmup,
-                            threads=threads)["teacher"]
-    now = table.calibrated(record.p50_ms)
-    log(f"latency table calibrated to this machine now: the teacher {record.p50_ms:.3f} ms end to end against "
-        f"{table.predict(None):.3f} predicted from the table ({rounds} forwards, {time.time() - t0:.0f} s): every "
-        f"prediction x{now.scale:.3f}")
-    return now
 
 
 # ------------------------------------------------------------------------------------------- measuring whole models

@@ -11,8 +11,7 @@ distinct random points of search_spaces.SearchSpace (Optuna's RandomSampler, --s
 reducers), and times every candidate and the teacher end to end, interleaved, --confirmations
 independent times (fresh models, a fresh order). Prints each schedule's prediction and measurement;
 accuracy over the candidates (MAPE, share within +-10%, Spearman rho of predicted vs measured
-median latency; also for the parts alone, without the teacher's offset, and for the table as
-built, before `latency.recalibrate` scaled it to the machine's speed today); stability (each model's
+median latency; also for the parts alone, without the teacher's offset); stability (each model's
 coefficient of variation over the confirmations, Kendall tau between the first two orderings); the
 protocols; and the goals of issue 9 with a verdict. --csv writes the per-schedule table.
 
@@ -202,7 +201,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, spec in specs.items():
         rows.append({"schedule": name, "reducer": spec.schedule.reducer, "predicted_ms": predicted[name]["total"],
                      "parts_ms": predicted[name]["total"] - predicted[name]["offset"],
-                     "built_ms": predicted[name]["total"] / table.scale,
                      "measured_ms": float(runs.loc[name].median()), "iqr_ms": records[name].iqr_ms,
                      **runs.loc[name].to_dict()})
     frame = pd.DataFrame(rows)
@@ -230,8 +228,7 @@ def report(frame: pd.DataFrame, runs: pd.DataFrame, table, records: dict, job, a
           f"between the table's grid points):")
     overall = accuracy(held_out["predicted_ms"], held_out["measured_ms"])
     lines = [("model (parts + offset)", overall),
-             ("parts alone (no offset)", accuracy(held_out["parts_ms"], held_out["measured_ms"])),
-             ("as built (not calibrated)", accuracy(held_out["built_ms"], held_out["measured_ms"]))]
+             ("parts alone (no offset)", accuracy(held_out["parts_ms"], held_out["measured_ms"]))]
     lines += [(f"  {r} only", accuracy(g["predicted_ms"], g["measured_ms"]))
               for r, g in held_out.groupby("reducer") if len(g) > 1]
     for label, a in lines:

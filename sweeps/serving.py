@@ -44,10 +44,10 @@ def _where(device: str) -> tuple[dict, str]:
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _ensure_table(spec: ModelSpec, speed: SpeedSpec, reducers: Sequence[str], directory: Optional[str],
-                  protocol: latency.Protocol, calibrate: bool = True) -> tuple[latency.LatencyTable, str]:
+                  protocol: latency.Protocol) -> tuple[latency.LatencyTable, str]:
     # progress lines go to this task's stdout, which Ray forwards to the driver
     table = latency.ensure_table(spec, speed, reducers, directory=directory, protocol=protocol,
-                                 log=lambda line: print(line, flush=True), calibrate=calibrate)
+                                 log=lambda line: print(line, flush=True))
     return table, _here()
 
 
@@ -132,10 +132,9 @@ class ServingTarget:
     # ------------------------------------------------------------------ the tasks
 
     def ensure_table(self, spec: ModelSpec, reducers: Sequence[str], *, directory: Optional[str] = None,
-                     protocol: latency.Protocol = latency.Protocol(), calibrate: bool = True) -> latency.LatencyTable:
-        """The backbone's latency table, loaded (and calibrated) or built on the serving node
-        (`latency.ensure_table`)."""
-        return self._run(_ensure_table, spec, self.speed, list(reducers), directory, protocol, calibrate)
+                     protocol: latency.Protocol = latency.Protocol()) -> latency.LatencyTable:
+        """The backbone's latency table, loaded or built on the serving node (`latency.ensure_table`)."""
+        return self._run(_ensure_table, spec, self.speed, list(reducers), directory, protocol)
 
     def measure(self, specs: Mapping[str, ModelSpec], rounds: Optional[int] = None) -> dict[str, SpeedRecord]:
         """Every model timed end to end, interleaved (`latency.measure_models`), on the serving node."""

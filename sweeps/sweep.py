@@ -5,7 +5,6 @@ end-to-end measurement, plots, MLflow summary (hypervolume after every trial, at
 the orchestration share, registered picks, cards and the links to open."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -80,18 +79,6 @@ def run_sweep(plan) -> int:
         session.release()  # the autoscaler may give the nodes back
 
 
-def _calibration_of(out: str):
-    """The latency scale a sweep in `out` was started with (its sweep.json), None if it saved none."""
-    marker = storage.join(out, "sweep.json")
-    if not storage.exists(marker):
-        return None
-    try:
-        scale = json.loads(storage.read_text(marker)).get("latency_scale")
-    except (ValueError, AttributeError):
-        return None  # unreadable: calibrate afresh (the trials' records keep their own predictions)
-    return float(scale) if isinstance(scale, (int, float)) and scale > 0 else None
-
-
 def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
     job = plan.job
     in_process = plan.workers == 1
@@ -111,17 +98,9 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
         print(f"local files in {plan.local_dir}, published to {plan.out}")
 
     print(f"latency ({plan.latency}) on {serving.describe()}")
-    scale = None
     if plan.latency == "model":
-        # a resumed sweep keeps the calibration its first trials were predicted with: one scale per sweep
-        scale = _calibration_of(plan.out) if plan.resume else None
         table = serving.ensure_table(job.model, plan.reducers, directory=plan.latency_table_dir,
-                                     protocol=latency.QUICK if plan.smoke else latency.Protocol(),
-                                     calibrate=scale is None)
-        if scale is not None:
-            table = dataclasses.replace(table, scale=scale)
-            print(f"latency table: the calibration this sweep started with, x{scale:.3f}")
-        scale = table.scale
+                                     protocol=latency.QUICK if plan.smoke else latency.Protocol())
         print(f"{table.describe()}; {table.path}")
         oracle = LatencyModel(table)
     else:
@@ -131,7 +110,7 @@ def _run(plan, session: Session, serving: ServingTarget, t0: float) -> int:
           f"{teacher_speed['gmacs']:.4f} GMACs")
 
     exp_id = tracking.ensure_experiment(plan.tracking_uri, EXPERIMENT)
-    record = {**plan.record(), **({"latency_scale": scale} if scale is not None else {})}  # what export and resume read
+    record = plan.record()  # what a later export needs: written beside the runs and into MLflow
     parent = tracking.start_parent_run(plan.tracking_uri, exp_id, plan.name, params={
         k: v for k, v in record.items() if k != "base_job"}, tags={"sit.preset": job.name})
     with tracking.ends_on_error(plan.tracking_uri, parent):  # a crash or Ctrl-C never leaves it RUNNING

@@ -41,15 +41,11 @@ def test_a_sweep_killed_at_any_point_resumes_to_one_record_per_trial(point, tmp_
     first = run_pareto(args, {**sweep_env(private_tmp, cache_dir), ENV: point}, tmp_path / "first.log")
     kill_processes_using(private_tmp)  # the killed driver's raylet, GCS and workers
     assert first.returncode == -9, f"the driver did not die at {point}:\n{first.stdout[-3000:]}"
-    scale = json.loads((out / "sweep.json").read_text())["latency_scale"]
 
     resumed = run_pareto(args + ["--resume"], sweep_env(private_tmp, cache_dir), tmp_path / "resumed.log")
     kill_processes_using(private_tmp)
     assert_ok(resumed)
     assert "resume: " in resumed.stdout  # the reconciliation said what it found
-    # the trials before and after the kill were predicted at one latency calibration
-    assert f"the calibration this sweep started with, x{scale:.3f}" in resumed.stdout
-    assert json.loads((out / "sweep.json").read_text())["latency_scale"] == scale
     assert_one_record_per_trial(out, 3)
 
 

@@ -256,32 +256,3 @@ def test_a_table_lacking_a_reducer_is_rebuilt_with_all_of_them(tmp_path):
     assert set(table.reducers) == {"tsm", "merge"} and "attn_prop" in table.parts
     assert any("lacks" in line and "merge" in line for line in lines) and any("built in" in line for line in lines)
     assert any(f"round {QUICK.rounds}/{QUICK.rounds}" in line for line in lines)  # progress while it builds
-
-
-def test_a_calibrated_table_follows_the_machine_and_keeps_its_proportions(tmp_path):
-    table = built(tmp_path, ("tsm", "drop"))
-    assert table.scale == 1.0  # just built: measured at today's speed
-    schedules = [None, "tsm:2@0.5", "drop:1,3@0.7,0.5"]
-    before = [table.predict(s) for s in schedules]
-    slower = table.calibrated(1.2 * before[0])
-    assert slower.predict(None) == pytest.approx(1.2 * before[0])
-    assert [slower.predict(s) / table.predict(s) for s in schedules] == pytest.approx([1.2] * 3)
-    assert slower.breakdown("tsm:2@0.5")["total"] == pytest.approx(sum(
-        v for k, v in slower.breakdown("tsm:2@0.5").items() if k != "total"))
-    assert "calibrated to this machine now: x1.200" in slower.describe()
-    assert "scale" not in slower.to_dict() and slower == table  # the stored table stays as measured
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="positive teacher latency"):
-            table.calibrated(bad)
-
-
-def test_a_stored_table_is_calibrated_on_the_teacher_when_loaded(tmp_path):
-    built(tmp_path)
-    lines = []
-    loaded = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lines.append, protocol=QUICK)
-    calibration = [line for line in lines if "calibrated to this machine now" in line]
-    assert len(calibration) == 1 and f"x{loaded.scale:.3f}" in calibration[0]
-    assert loaded.scale > 0 and loaded.scale != 1.0  # a real measurement never lands exactly on the build's
-    as_stored = ensure_table(TINY_VIT, SPEED, ("tsm",), directory=tmp_path, log=lambda s: None, protocol=QUICK,
-                             calibrate=False)
-    assert as_stored.scale == 1.0 and as_stored.predict(None) * loaded.scale == pytest.approx(loaded.predict(None))
