@@ -95,7 +95,7 @@ def test_benchmark_help_and_quick_defaults(capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.parse_args(["--help"])
     assert e.value.code == 0
-    assert "FLOP-matched" in capsys.readouterr().out
+    assert "at one schedule (blocks 3, 6, 9 keep 0.7)" in capsys.readouterr().out
     args = benchmark.parse_args(["--quick", "--iters", "4"])
     assert args.batch == benchmark.QUICK["batch"] and args.iters == 4
     assert benchmark.parse_args([]).batch == benchmark.BATCH
