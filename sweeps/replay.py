@@ -18,7 +18,10 @@ IQR), final hypervolume, hypervolume after `--at-trials` ended trials, the time 
 to reach random search's median final hypervolume, a one-sided Mann-Whitney U test of its final
 hypervolumes against random search's (scipy), and empirical attainment surfaces (moocore).
 Goals checked: the best method reaches random search's final hypervolume in <= 1/3 of the budget;
-after 24 trials, the best Optuna multi-objective sampler's hypervolume is >= 1.2x random's.
+after 24 trials, the best Optuna multi-objective sampler's hypervolume is >= 1.2x random's. The
+"room" says whether the second can be met at all: the oracle's front over the recorded candidates
+and `--room-points` random points, and one utopia model with their best top-1 and lowest latency,
+each over random search's hypervolume after `--at-trials` (also in replay_goals.json).
 Limits: a surrogate smooths what a few hundred candidates show, the nearest candidate in ~12
 parameters is far from the asked point (both are stated with the results); the clock has no
 contention between trials (the recorded times already include sharing the cores).
@@ -78,6 +81,13 @@ class Run:
         return float(reached["end_s"].iloc[0]) if len(reached) else math.inf
 
 
+def minimisation(table: CandidateTable, latency_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(signs that turn (top1, latency) into losses, the reference point as losses)."""
+    reference = table.reference(latency_col)
+    signs = np.array([-1.0 if d == "max" else 1.0 for d in OBJECTIVES.values()])
+    return signs, np.array([reference[k] for k in OBJECTIVES]) * signs
+
+
 def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     """Points and reference in minimisation form; points not better than the reference add nothing."""
     inside = points[(points < reference).all(axis=1)] if len(points) else points
@@ -94,9 +104,7 @@ def simulate(table: CandidateTable, sampler: str, seed: int, *, scheduler: Optio
 
     epochs = table.epochs
     oracle = oracle or table.oracle("nearest")
-    reference = table.reference(latency_col)
-    signs = np.array([-1.0 if d == "max" else 1.0 for d in OBJECTIVES.values()])
-    ref = np.array([reference[k] for k in OBJECTIVES]) * signs
+    signs, ref = minimisation(table, latency_col)
 
     rungs = (ParetoRungs.geometric(scheduler[0], scheduler[1], epochs, list(OBJECTIVES.values()))
              if scheduler else None)
@@ -164,20 +172,17 @@ def default_budget(table: CandidateTable, trials: int, concurrent: int) -> float
     return float(full.median()) * trials / concurrent
 
 
-def ceiling(table: CandidateTable, oracle, *, latency_col: str = "latency_ms", points: int = 4000,
-            seed: int = 0) -> dict:
+def room_left(table: CandidateTable, oracle, *, latency_col: str = "latency_ms", points: int = 4000,
+              seed: int = 0) -> dict:
     """How much hypervolume this table leaves to win, from what `oracle` answers for the recorded
     candidates and `points` random points of the space: `front_hv`, the hypervolume of their front (a
     good sampler gets near it); `utopia_hv`, that of one imaginary model with the best top-1 AND the
     lowest latency seen among them (no front within those ranges can exceed it)."""
     from sweeps.candidates import PARAMS, sample_points
 
-    recorded = [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-                for row in table.frame[list(PARAMS)].to_dict("records")]
+    recorded = table.frame[list(PARAMS)].to_dict("records")  # absent stages are NaN: never read
     top1, latency = oracle.final(recorded + sample_points(table.space, points, seed), latency_col)
-    reference = table.reference(latency_col)
-    signs = np.array([-1.0 if d == "max" else 1.0 for d in OBJECTIVES.values()])
-    ref = np.array([reference[k] for k in OBJECTIVES]) * signs
+    signs, ref = minimisation(table, latency_col)
     found = np.c_[top1, latency] * signs
     found = found[np.isfinite(found).all(axis=1)]
     return {"front_hv": hypervolume(found, ref), "utopia_hv": hypervolume(found.min(axis=0, keepdims=True), ref),
@@ -195,10 +200,12 @@ def _simulate_one(args) -> Run:
 
 def run_benchmark(table: CandidateTable, *, samplers: Sequence[str], schedulers: Sequence[str], seeds: int,
                   budget_s: float, concurrent: int = 2, grace: int = 1, eta: float = 2.0,
-                  latency_col: str = "latency_ms", oracle: str = "surrogate", jobs: int = 1, log=print) -> list[Run]:
-    answer = table.oracle(oracle)  # fitted once, shared by every run
+                  latency_col: str = "latency_ms", oracle=None, jobs: int = 1, log=print) -> list[Run]:
+    """Every sampler x scheduler x seed; `oracle`: `table.oracle(...)`, fitted once and shared by every
+    run (default: the surrogate)."""
+    oracle = oracle or table.oracle("surrogate")
     tasks = [(table, sampler, seed, dict(scheduler=(grace, eta) if scheduler == "moasha" else None, budget_s=budget_s,
-                                         concurrent=concurrent, latency_col=latency_col, oracle=answer))
+                                         concurrent=concurrent, latency_col=latency_col, oracle=oracle))
              for sampler in samplers for scheduler in schedulers for seed in range(seeds)]
     if jobs <= 1:
         runs = []
@@ -216,7 +223,7 @@ def run_benchmark(table: CandidateTable, *, samplers: Sequence[str], schedulers:
 
 def summarise(runs: Sequence[Run], budget_s: float, at_trials: int = 24,
               room: Optional[dict] = None) -> tuple[pd.DataFrame, dict]:
-    """The table (one row per method) and the two goals; `room` (from `ceiling`) tells whether the
+    """The table (one row per method) and the two goals; `room` (from `room_left`) tells whether the
     ratio goal can be met on this table at all."""
     from scipy.stats import mannwhitneyu
 
@@ -257,10 +264,9 @@ def summarise(runs: Sequence[Run], budget_s: float, at_trials: int = 24,
         "at_trials": at_trials,
         "random_hv_at_trials": float(base_at),
     }
-    for key, hv in (room or {}).items():
-        goals[key] = hv
-        if key.endswith("_hv"):
-            goals[key.replace("_hv", "_ratio")] = float(hv / base_at) if base_at > 0 else math.nan
+    if room:
+        goals.update(room, front_ratio=room["front_hv"] / base_at if base_at > 0 else math.nan,
+                     utopia_ratio=room["utopia_hv"] / base_at if base_at > 0 else math.nan)
     return summary, goals
 
 
@@ -368,7 +374,7 @@ def build_parser():
     p.add_argument("--oracle", default="surrogate", choices=("surrogate", "nearest"),
                    help="what a trial replays: GP regressions on the table (surrogate) or the nearest recorded "
                         "candidate (nearest) (default: %(default)s)")
-    p.add_argument("--ceiling-points", type=positive_int, default=4000,
+    p.add_argument("--room-points", type=positive_int, default=4000,
                    help="random points of the space whose oracle answers estimate the most hypervolume any sampler "
                         "can reach (default: %(default)s)")
     p.add_argument("--at-trials", type=positive_int, default=24, help="compare hypervolume after this many trials (default: 24)")
@@ -403,12 +409,13 @@ def main(argv=None) -> int:
           f"{len(samplers)} samplers x {schedulers} x {args.seeds} seeds, {args.concurrent} trials at a time, "
           f"budget {budget:.0f} simulated s, latency column {args.latency_col}, oracle {args.oracle}, "
           f"reference {table.reference(args.latency_col)}")
+    oracle = table.oracle(args.oracle)  # fitted once: the runs and the room ask the same one
     runs = run_benchmark(table, samplers=samplers, schedulers=schedulers, seeds=args.seeds, budget_s=budget,
                          concurrent=args.concurrent, grace=args.grace, eta=args.eta, latency_col=args.latency_col,
-                         oracle=args.oracle, jobs=args.jobs)
-    print(f"ceiling: the front of {args.ceiling_points} random points of the space and the recorded candidates "
-          f"as the {args.oracle} oracle answers them", flush=True)
-    room = ceiling(table, table.oracle(args.oracle), latency_col=args.latency_col, points=args.ceiling_points)
+                         oracle=oracle, jobs=args.jobs)
+    print(f"room: the front of {args.room_points} random points of the space and the recorded candidates as the "
+          f"{args.oracle} oracle answers them", flush=True)
+    room = room_left(table, oracle, latency_col=args.latency_col, points=args.room_points)
     summary, goals = summarise(runs, budget, args.at_trials, room)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ searcher (ParetoOptunaSearch) and scheduler rule (ParetoRungs); it is determinis
 ranks the sampler the table was built to favour first; the CLI writes its table and plots."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pandas as pd
 import pytest
 
 from sweeps.candidates import CandidateTable, synthetic_table
-from sweeps.replay import ceiling, default_budget, run_benchmark, simulate, summarise
+from sweeps.replay import default_budget, room_left, run_benchmark, simulate, summarise
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,12 +113,12 @@ def test_failed_candidates_are_failed_trials(table):
     assert len(hit) and (hit["status"] == "failed").all() and hit["top1"].isna().all()
 
 
-def test_the_replay_ranks_the_sampler_the_table_favours_first(table):
+def test_the_replay_ranks_the_sampler_the_table_favours_first(table, surrogate):
     """TPE models where the narrow good lr band lies; random search does not: over 4 seeds TPE's
     median final hypervolume is first, and the Mann-Whitney test sees it."""
     budget = default_budget(table, 30, 2)
     runs = run_benchmark(table, samplers=["random", "tpe"], schedulers=["none"], seeds=4, budget_s=budget,
-                         oracle="surrogate", log=lambda *_: None)
+                         oracle=surrogate, log=lambda *_: None)
     summary, goals = summarise(runs, budget, at_trials=24)
     assert summary["method"].tolist() == ["tpe/none", "random/none"]
     tpe = summary.set_index("method").loc["tpe/none"]
@@ -130,13 +131,14 @@ def test_the_room_a_table_leaves_bounds_every_replayed_front(table):
     """With the nearest oracle every answer is a recorded candidate: no simulated sweep can beat the
     front of the whole table, and that front cannot beat one model with its best top-1 and lowest
     latency. The summary turns both into ratios over random search after `at_trials` trials."""
-    room = ceiling(table, table.oracle("nearest"), points=50)
+    nearest = table.oracle("nearest")
+    room = room_left(table, nearest, points=50)
     ok = table.frame[table.frame["status"].eq("ok")]
     assert room["best_top1"] == pytest.approx(ok["top1_e4"].max())
     assert room["lowest_latency_ms"] == pytest.approx(table.frame["latency_ms"].min())
     budget = default_budget(table, 16, 2)
     runs = run_benchmark(table, samplers=["random", "tpe"], schedulers=["none"], seeds=2, budget_s=budget,
-                         oracle="nearest", log=lambda *_: None)
+                         oracle=nearest, log=lambda *_: None)
     best_run = max(r.hv_at(budget) for r in runs)
     assert 0 < best_run <= room["front_hv"] + 1e-9 < room["utopia_hv"]
     _, goals = summarise(runs, budget, at_trials=8, room=room)
@@ -157,7 +159,6 @@ def test_replay_cli_writes_its_table_and_plots(tmp_path):
     summary = pd.read_csv(out / "replay_summary.csv")
     assert sorted(summary["method"]) == ["random/moasha", "random/none", "tpe/moasha", "tpe/none"]
     assert "goal 1:" in r.stdout and "goal 2:" in r.stdout and "Mann-Whitney" in r.stdout and "room:" in r.stdout
-    import json
     goals = json.loads((out / "replay_goals.json").read_text())
     assert goals["front_hv"] <= goals["utopia_hv"] and goals["random_hv_at_trials"] > 0
 
