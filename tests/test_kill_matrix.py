@@ -138,17 +138,22 @@ def assert_one_record_per_trial(out, n: int) -> None:
 def test_a_killed_train_worker_restarts_from_its_checkpoint_in_the_same_trial(tmp_path, private_tmp,  # noqa: F811
                                                                               cache_dir):  # noqa: F811
     out = tmp_path / "out"
+    # The worker dies 1 s after its epoch-1 report. Epochs of 64 small steps (~3 s) put that mid-way
+    # through epoch 2 (the smoke's 4 steps took 0.6 s on CI: the kill came after the last report).
+    # Ray Train's controller collects reports, checkpoints included, when it polls the workers (every
+    # 2 s by default): a worker lost before the poll takes its report with it and the group restarts
+    # from the previous checkpoint. Polling every 0.2 s makes the epoch-1 checkpoint count before the kill.
     args = ["--smoke-test", "--out", str(out), "--trials", "1", "--concurrent", "1", "--workers", "2",
-            "--cpus-per-worker", "0.5"]
-    env = {**sweep_env(private_tmp, cache_dir), ENV: "worker-epoch", "SIT_KILL_ONCE": str(tmp_path / "killed")}
+            "--cpus-per-worker", "0.5", "--set", "train.batch_size=8", "--set", "train.max_steps_per_epoch=64"]
+    env = {**sweep_env(private_tmp, cache_dir), ENV: "worker-epoch", "SIT_KILL_ONCE": str(tmp_path / "killed"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     result = run_pareto(args, env, tmp_path / "sweep.log")
     kill_processes_using(private_tmp)
     assert_ok(result)
     assert (tmp_path / "killed").exists()
     table = pareto_table(out)
     assert len(table) == 1 and (table["status"] == "ok").all() and (table["epoch"] == 2).all()
-    # the restarted group resumed from epoch 1's checkpoint: its own report says so (the worker's printed
-    # "starting at epoch 2" reaches the driver's stdout only if Ray's log monitor forwards it before exit)
+    # the restarted group resumed from epoch 1's checkpoint: its own report says so
     assert (table["resumed_from_epoch"] == 1).all(), table.filter(like="epoch")
     _, children = parent_and_children(out)
     assert len(children) == 1 and children[0].info.status == "FINISHED"
